@@ -1,0 +1,1 @@
+"""Database edge: engines, migrations and the SQL the service runs (``repository``)."""

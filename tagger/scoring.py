@@ -1,0 +1,162 @@
+"""Zero-shot scoring: product embeddings against label prototypes, to tag decisions. Pure NumPy, no I/O.
+
+For each attribute a label's prototype is the mean of its prompt embeddings (prompt ensembling,
+as in CLIP). A product's score for a label is a softmax over the attribute's labels of
+``logit_scale * cosine``; the cosine mixes image and product-text similarity by ``text_weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tagger.taxonomy.model import Attribute, TaxonomySet
+
+ACCEPTED = "accepted"
+NEEDS_REVIEW = "needs_review"
+ALTERNATIVE = "alternative"  # a lower-ranked candidate kept for review, not a tag of the product
+
+
+@dataclass(frozen=True)
+class LabelPrototypes:
+    """Unit-norm prototype vectors of one attribute's scored labels, in the order of ``keys``."""
+
+    attribute: str
+    keys: tuple[str, ...]
+    vectors: np.ndarray  # (labels, dim) float32
+
+
+@dataclass(frozen=True)
+class TagDecision:
+    taxonomy: str
+    attribute: str
+    value: str  # label key
+    score: float
+    rank: int  # 1 = best
+    status: str
+    path: str | None = None  # "apparel > topwear > shirts" for hierarchical attributes
+
+
+def prompt_plan(attribute: Attribute) -> tuple[list[str], np.ndarray]:
+    """All prompt texts of an attribute's scored labels, and for each text the index of its label."""
+    texts: list[str] = []
+    owners: list[int] = []
+    for index, label in enumerate(attribute.scored_labels):
+        label_texts = label.prompt_texts(attribute.templates)
+        texts.extend(label_texts)
+        owners.extend([index] * len(label_texts))
+    return texts, np.asarray(owners, dtype=np.int64)
+
+
+def ensemble(text_vectors: np.ndarray, owners: np.ndarray, n_labels: int) -> np.ndarray:
+    """Average each label's prompt embeddings and renormalise."""
+    sums = np.zeros((n_labels, text_vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, owners, text_vectors)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def build_prototypes(taxonomies: TaxonomySet, encode_texts: Callable[[Sequence[str]], np.ndarray]) -> dict[str, LabelPrototypes]:
+    """Prototypes for every attribute, embedding all prompts in one call."""
+    plans = {a.name: prompt_plan(a) for a in taxonomies.attributes}
+    all_texts = [text for texts, _ in plans.values() for text in texts]
+    vectors = encode_texts(all_texts)
+    result: dict[str, LabelPrototypes] = {}
+    start = 0
+    for attribute in taxonomies.attributes:
+        texts, owners = plans[attribute.name]
+        keys = tuple(label.key for label in attribute.scored_labels)
+        chunk = vectors[start : start + len(texts)]
+        start += len(texts)
+        result[attribute.name] = LabelPrototypes(attribute.name, keys, ensemble(chunk, owners, len(keys)))
+    return result
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def label_probabilities(
+    image_vectors: np.ndarray,
+    prototypes: np.ndarray,
+    logit_scale: float,
+    text_vectors: np.ndarray | None = None,
+    text_weight: float = 0.0,
+) -> np.ndarray:
+    """(products, labels) probabilities; rows sum to one."""
+    similarity = image_vectors @ prototypes.T
+    if text_vectors is not None and text_weight > 0.0:
+        similarity = (1.0 - text_weight) * similarity + text_weight * (text_vectors @ prototypes.T)
+    return softmax(logit_scale * similarity.astype(np.float64))
+
+
+def applies(attribute: Attribute, taxonomies: TaxonomySet, chosen: dict[str, str]) -> bool:
+    """Whether an attribute's ``applies_to`` conditions hold, given the top label already chosen per attribute."""
+    for condition, keys in attribute.applies_to.items():
+        top = chosen.get(condition)
+        if top is None:
+            return False
+        ancestors = taxonomies.attribute(condition).ancestors(top)
+        if not set(keys) & set(ancestors):
+            return False
+    return True
+
+
+def decide(attribute: Attribute, keys: Sequence[str], probabilities: np.ndarray, default_threshold: float,
+           default_top_k: int) -> list[TagDecision]:
+    """Tag decisions for one product and one attribute from its label probabilities."""
+    threshold = attribute.threshold if attribute.threshold is not None else default_threshold
+    top_k = min(attribute.top_k or default_top_k, len(keys))
+    order = np.argsort(-probabilities, kind="stable")[:top_k]
+    decisions: list[TagDecision] = []
+    for rank, index in enumerate(order, start=1):
+        key = keys[int(index)]
+        score = float(probabilities[int(index)])
+        label_threshold = attribute.label(key).threshold
+        needed = label_threshold if label_threshold is not None else threshold
+        if score >= needed and (rank == 1 or attribute.kind == "multi"):
+            status = ACCEPTED
+        elif rank == 1:
+            status = NEEDS_REVIEW
+        else:
+            status = ALTERNATIVE
+        path = attribute.path(key) if attribute.hierarchical else None
+        decisions.append(TagDecision(attribute.taxonomy, attribute.name, key, score, rank, status, path))
+    return decisions
+
+
+def tag_products(
+    taxonomies: TaxonomySet,
+    prototypes: dict[str, LabelPrototypes],
+    image_vectors: np.ndarray,
+    logit_scale: float,
+    *,
+    text_vectors: np.ndarray | None = None,
+    text_weight: float = 0.0,
+    default_threshold: float = 0.5,
+    default_top_k: int = 3,
+    attributes: Sequence[str] | None = None,
+) -> list[list[TagDecision]]:
+    """Tag decisions for a batch of products, attribute by attribute in dependency order.
+
+    ``attributes`` restricts which attributes are returned (conditions are still evaluated).
+    """
+    n = image_vectors.shape[0]
+    results: list[list[TagDecision]] = [[] for _ in range(n)]
+    chosen: list[dict[str, str]] = [{} for _ in range(n)]
+    wanted = set(attributes) if attributes is not None else None
+    for attribute in taxonomies.attributes:
+        proto = prototypes[attribute.name]
+        probabilities = label_probabilities(image_vectors, proto.vectors, logit_scale, text_vectors, text_weight)
+        for row in range(n):
+            if not applies(attribute, taxonomies, chosen[row]):
+                continue
+            decisions = decide(attribute, proto.keys, probabilities[row], default_threshold, default_top_k)
+            chosen[row][attribute.name] = decisions[0].value
+            if wanted is None or attribute.name in wanted:
+                results[row].extend(decisions)
+    return results
