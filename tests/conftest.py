@@ -173,6 +173,8 @@ def worker_env(settings: Settings, database_url: str, image_dir: Path, **extra: 
         "TAGGER_RETRY_BACKOFF_MAX_S": "1",
         "TAGGER_FETCH_TIMEOUT_S": "3",
         "PYTHONUNBUFFERED": "1",
+        # The offline default model unless a test run names another (e.g. a CLIP directory).
+        "TAGGER_MODEL": os.environ.get("TAGGER_TEST_MODEL", "default"),
     })
     env.update(extra)
     return env
