@@ -159,20 +159,9 @@ def cmd_failures(args: argparse.Namespace) -> int:
 
 
 def cmd_taxonomy(args: argparse.Namespace) -> int:
-    from tagger.taxonomy import validate_taxonomies
+    from tagger.taxonomy.commands import main
 
-    directory = Path(args.dir) if args.dir else get_settings().taxonomy_dir
-    taxonomies, errors = validate_taxonomies(directory)
-    if errors:
-        for error in errors:
-            print(f"error: {error}", file=sys.stderr)
-        return 1
-    assert taxonomies is not None
-    for taxonomy in taxonomies.taxonomies:
-        labels = sum(len(a.labels) for a in taxonomy.attributes)
-        print(f"ok  {taxonomy.name:<12} version {taxonomy.version}  {len(taxonomy.attributes)} attribute(s), "
-              f"{labels} label(s)  ({taxonomy.source})")
-    return 0
+    return int(main(args.rest) or 0)
 
 
 def cmd_model_train(args: argparse.Namespace) -> int:
@@ -241,11 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=cmd_failures)
 
-    p = sub.add_parser("taxonomy", help="work with the taxonomies")
-    tsub = p.add_subparsers(dest="taxonomy_command", required=True, metavar="ACTION")
-    tv = tsub.add_parser("validate", help="check every taxonomy file; errors name file, line and key")
-    tv.add_argument("--dir", help="taxonomy folder (TAGGER_TAXONOMY_DIR)")
-    tv.set_defaults(func=cmd_taxonomy)
+    p = sub.add_parser("taxonomy", help="validate, diff and apply taxonomy edits", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_taxonomy)
 
     p = sub.add_parser("model", help="the default model")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -262,7 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Commands with their own parsers (taxonomy, model train, eval) get every remaining argument, --help too.
+        if not hasattr(args, "rest"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.rest = list(args.rest) + extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -143,8 +143,13 @@ def _summary(conn: Any, events: list[dict[str, Any]], taxonomies: Any) -> dict[s
             chosen = tags_of[name][0]
             if chosen == expected.key or expected.key in attribute.ancestors(chosen):
                 agreement[name]["agree"] += 1
-    expected_pairs = {tuple(sorted((e["sku"], e["attributes"]["duplicate_of"])))
-                      for e in events if (e.get("attributes") or {}).get("duplicate_of")}
+    # Every two SKUs of one seeded group (an original and its altered copies) are a true pair.
+    groups: dict[str, set[str]] = {}
+    for e in events:
+        original = (e.get("attributes") or {}).get("duplicate_of")
+        if original:
+            groups.setdefault(original, {original}).add(e["sku"])
+    expected_pairs = {(a, b) for group in groups.values() for a in group for b in group if a < b}
     pairs = conn.execute(
         text("SELECT sku_a, sku_b, similarity FROM duplicate_matches WHERE sku_a = ANY(:s) AND sku_b = ANY(:s) "
              "ORDER BY similarity DESC"), {"s": skus}).all()
@@ -176,7 +181,7 @@ def _print_summary(s: dict[str, Any], database_url: str, elapsed: float) -> None
                   f"{counter['agree']}/{counter['total']} = {counter['agree'] / counter['total']:.0%}")
     expected, found = s["expected_pairs"], s["found"]
     print(f"\nnear-duplicate pairs: {len(found)} found; {len(expected & found)}/{len(expected)} of the seeded altered "
-          "copies recovered")
+          "copies' pairs recovered")
     for a, b, similarity in s["pairs"][:15]:
         marker = "seeded" if (a, b) in expected else "      "
         print(f"    {marker}  {a:<22} {b:<22} {similarity:.3f}")

@@ -223,6 +223,14 @@ def train(opts: Options) -> dict:
     cap_attrs = torch.from_numpy(table.attrs)
     word_types = torch.from_numpy(table.word_types)
     rng = np.random.default_rng([opts.seed, 1])
+    # Caption pools as one padded array: row = item (colour pools, then grey pools), so sampling
+    # a caption for every view of a batch is a single vectorised lookup.
+    pools = table.pools + table.grey_pools
+    pool_array = np.zeros((len(pools), max(len(p) for p in pools)), dtype=np.int64)
+    for r, p in enumerate(pools):
+        pool_array[r, : len(p)] = p
+    pool_row = views.item + np.where(views.grey, len(items), 0)
+    pool_len = np.array([len(p) for p in pools], dtype=np.int64)[pool_row]
     n = len(X)
     steps_per_epoch = max(1, n // opts.batch_size)
     total = steps_per_epoch * opts.epochs
@@ -235,11 +243,7 @@ def train(opts: Options) -> dict:
         for s in range(steps_per_epoch):
             b = order[s * opts.batch_size : (s + 1) * opts.batch_size]
             # One caption per view, drawn from its pool (colour-free pool for greyscale views).
-            caps = np.array([
-                (table.grey_pools if views.grey[i] else table.pools)[views.item[i]][
-                    rng.integers(len((table.grey_pools if views.grey[i] else table.pools)[views.item[i]]))]
-                for i in b
-            ])
+            caps = pool_array[pool_row[b], (rng.random(len(b)) * pool_len[b]).astype(np.int64)]
             bi = torch.from_numpy(b)
             zi = torch.nn.functional.normalize(heads.image(X[bi]), dim=-1)
             zt = torch.nn.functional.normalize(heads.text(T[torch.from_numpy(caps)]), dim=-1)
@@ -249,7 +253,7 @@ def train(opts: Options) -> dict:
             loss.backward()
             optim.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         if epoch % 5 == 0 or epoch == opts.epochs - 1:
             log(f"epoch {epoch + 1}/{opts.epochs} loss {np.mean(losses):.3f} scale {float(heads.scale()):.1f}")
     heads.eval()
