@@ -32,6 +32,10 @@ class DuplicatePair:
 
 def select_duplicates(sku: str, neighbours: Iterable[tuple[str, float]], threshold: float) -> list[DuplicatePair]:
     """Pairs of ``sku`` with every neighbour at or above ``threshold`` similarity, most similar first."""
-    pairs = {other: DuplicatePair.of(sku, other, min(similarity, 1.0))
-             for other, similarity in neighbours if other != sku and similarity >= threshold}
+    pairs: dict[str, DuplicatePair] = {}
+    for other, similarity in neighbours:
+        if other == sku or similarity < threshold:
+            continue
+        if other not in pairs or similarity > pairs[other].similarity:  # a repeated neighbour keeps its best score
+            pairs[other] = DuplicatePair.of(sku, other, min(similarity, 1.0))
     return sorted(pairs.values(), key=lambda p: (-p.similarity, p.sku_a, p.sku_b))

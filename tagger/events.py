@@ -191,8 +191,18 @@ def read_catalog(path: Path, *, event_type: str = "product.created") -> Iterator
         event = {k: v for k, v in row.items() if k in known and v is not None and v != ""}
         # Columns that are not part of the contract are PIM attributes.
         extra = {k: v for k, v in row.items() if k not in known and v is not None and v != ""}
-        if extra:
-            event["attributes"] = {**extra, **(event.get("attributes") or {})}
+        attributes = event.get("attributes") or {}
+        if isinstance(attributes, str):  # a CSV cell holding JSON
+            try:
+                attributes = json.loads(attributes)
+            except json.JSONDecodeError:
+                raise InvalidEvent(f"catalog {path}: the attributes column is not a JSON object: {attributes[:80]!r}") from None
+        if extra or attributes:
+            if not isinstance(attributes, dict):
+                raise InvalidEvent(f"catalog {path}: attributes must be a JSON object")
+            event["attributes"] = {**extra, **attributes}
+        if "sku" not in event:
+            raise InvalidEvent(f"catalog {path}: a row has no sku: {json.dumps(row, default=str)[:200]}")
         image = event.get("image")
         if isinstance(image, str) and "://" not in image and not Path(image).is_absolute():
             event["image"] = str((path.parent / image).resolve())

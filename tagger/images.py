@@ -9,6 +9,7 @@ import hashlib
 import io
 import ipaddress
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -65,17 +66,20 @@ def _read_file(ref: str, limits: ImageLimits) -> bytes:
         )
     candidate = Path(ref)
     options = [candidate] if candidate.is_absolute() else [root / candidate for root in limits.roots]
+    inside_a_root = False
     for option in options:
         resolved = option.resolve()
         # Resolve symlinks and '..' first, then insist the real path is inside a root.
         if not any(resolved.is_relative_to(root.resolve()) for root in limits.roots):
             continue
+        inside_a_root = True
         if resolved.is_file():
             size = resolved.stat().st_size
             if size > limits.max_bytes:
                 raise ImageTooLarge(f"image file {ref!r} is {size} bytes, over the limit of {limits.max_bytes} "
                                     "(TAGGER_MAX_IMAGE_BYTES)")
             return resolved.read_bytes()
+    if inside_a_root:
         raise ImageNotFound(f"image file {ref!r} does not exist under the image roots")
     raise ImageNotAllowed(
         f"image path {ref!r} lies outside the configured image roots "
@@ -126,10 +130,7 @@ def _fetch_url(url: str, limits: ImageLimits) -> bytes:
                 declared = response.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > limits.max_bytes:
                     raise ImageTooLarge(f"image at {url!r} is {declared} bytes, over the limit of {limits.max_bytes}")
-                data = response.read(limits.max_bytes + 1)
-                if len(data) > limits.max_bytes:
-                    raise ImageTooLarge(f"image at {url!r} is over the limit of {limits.max_bytes} bytes")
-                return data
+                return _read_body(response, url, limits)
         except urllib.error.HTTPError as exc:
             if exc.code in (301, 302, 303, 307, 308):
                 location = exc.headers.get("Location")
@@ -146,6 +147,23 @@ def _fetch_url(url: str, limits: ImageLimits) -> bytes:
             reason = getattr(exc, "reason", exc)
             raise ImageUnreachable(f"image host for {current!r} is unreachable: {reason}") from None
     raise ImageNotFound(f"image URL {url!r} redirects more than {MAX_REDIRECTS} times")
+
+
+def _read_body(response: object, url: str, limits: ImageLimits) -> bytes:
+    """Read at most max_bytes, within a total deadline: a server trickling bytes cannot hold a worker."""
+    deadline = time.monotonic() + 3 * limits.timeout_s
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = response.read(64 * 1024)  # type: ignore[attr-defined]
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limits.max_bytes:
+            raise ImageTooLarge(f"image at {url!r} is over the limit of {limits.max_bytes} bytes")
+        if time.monotonic() > deadline:
+            raise ImageUnreachable(f"image at {url!r} downloads too slowly (over {3 * limits.timeout_s:.0f}s)")
+        chunks.append(chunk)
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:

@@ -304,3 +304,16 @@ def test_read_the_sample_catalog():
     assert len(events) > 10
     first = parse_event(events[0])
     assert Path(first.image).is_absolute() and Path(first.image).is_file()
+
+
+def test_read_catalog_row_without_sku_is_an_invalid_event(tmp_path):
+    from tagger.errors import InvalidEvent
+    from tagger.events import read_catalog
+
+    path = tmp_path / "c.csv"
+    path.write_text('title,image,attributes\nno sku here,a.jpg,"{""colour"": ""red""}"\n')
+    with pytest.raises(InvalidEvent, match="no sku"):
+        list(read_catalog(path))
+    path.write_text('sku,title,image,attributes,price\nS1,shirt,a.jpg,"{""colour"": ""red""}",10\n')
+    (event,) = list(read_catalog(path))
+    assert event["attributes"] == {"colour": "red", "price": "10"}

@@ -352,3 +352,10 @@ def test_select_duplicates_dedups_and_clamps():
 def test_select_duplicates_none_above_threshold():
     assert select_duplicates("M", [("N", 0.5), ("M", 1.0)], threshold=0.9) == []
     assert select_duplicates("M", [], threshold=0.0) == []
+
+
+def test_select_duplicates_keeps_the_best_score_of_a_repeated_neighbour():
+    from tagger.duplicates import select_duplicates
+
+    pairs = select_duplicates("A", [("B", 0.99), ("B", 0.91)], 0.9)
+    assert [(p.sku_a, p.sku_b, p.similarity) for p in pairs] == [("A", "B", 0.99)]

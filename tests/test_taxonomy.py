@@ -355,10 +355,6 @@ def test_parent_cycle(tmp_path):
     }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tagger/taxonomy/loader.py _in_cycle: reports every label whose ancestor chain *reaches* a cycle, so a label "
-    "hanging below the cycle (c: {parent: a} with a<->b) gets 'label 'c' is its own ancestor' at its own line, "
-    "which is false and points the merchandiser at a correct line"))
 def test_label_below_a_cycle_is_not_called_its_own_ancestor(tmp_path):
     write(tmp_path, "cat.yaml", """
         taxonomy: cat
@@ -556,20 +552,13 @@ def test_attribute_defined_in_two_files(tmp_path):
     assert f"also defined in {first}" in str(error)
 
 
-# The loader promises "every error names file, line and key"; the set-level checks (_check_set) build their
-# TaxonomyError without a line although the key's line is known in the file.
-_LINE_BUG = ("tagger/taxonomy/loader.py _check_set: cross-file errors (applies_to target, duplicate attribute) "
-             "are raised with line=None although the module promises file, line and key")
-
-
-@pytest.mark.xfail(reason=_LINE_BUG, strict=True)
+# The loader promises "every error names file, line and key", the set-level checks (across files) too.
 @pytest.mark.parametrize("applies_to", ["{categry: [topwear]}", "{category: [spaceships]}"])
 def test_applies_to_errors_name_the_line(tmp_path, applies_to):
     _conditional(tmp_path, applies_to)
     assert only_error(tmp_path).line == 4
 
 
-@pytest.mark.xfail(reason=_LINE_BUG, strict=True)
 def test_duplicate_attribute_error_names_the_line(tmp_path):
     write(tmp_path, "a.yaml", "taxonomy: a\nattributes:\n  colour: {labels: {red: {}}}\n")
     write(tmp_path, "b.yaml", "taxonomy: b\nattributes:\n  colour: {labels: {blue: {}}}\n")

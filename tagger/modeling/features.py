@@ -41,16 +41,17 @@ def _key(*parts: object) -> str:
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
 
 
-def _make_views(records: list[Record], n_aug: int, seed: int, kind: str) -> list[tuple[int, Callable[[], View]]]:
-    """Lazy view makers; each view has its own RNG stream (seed, id, view) -> order-independent."""
+def _make_views(records: list[Record], kind: str, view: int, seed: int) -> list[tuple[int, Callable[[], View]]]:
+    """Lazy view makers; each view has its own RNG stream (seed, id, view) -> order-independent.
+
+    ``kind``: "train" (view 0 = the clean image, view k >= 1 = augmented), "clean", or a shift name.
+    """
     jobs: list[tuple[int, Callable[[], View]]] = []
     for idx, rec in enumerate(records):
-        if kind == "train":
+        if kind == "clean" or (kind == "train" and view == 0):
             jobs.append((idx, lambda r=rec: View(r.image(), False)))
-            for v in range(n_aug):
-                jobs.append((idx, lambda r=rec, v=v: augmented_view(r.image(), np.random.default_rng([seed, r.item.id, v]))))
-        elif kind == "clean":
-            jobs.append((idx, lambda r=rec: View(r.image(), False)))
+        elif kind == "train":
+            jobs.append((idx, lambda r=rec: augmented_view(r.image(), np.random.default_rng([seed, r.item.id, view - 1]))))
         else:  # a named shift for evaluation
             jobs.append((idx, lambda r=rec: shift(r.image(), kind, np.random.default_rng([seed, r.item.id, 99]))))
     return jobs
@@ -69,14 +70,25 @@ def _prepare(batch: list[tuple[int, Callable[[], View]]], size: int) -> tuple[np
 
 def extract(records: list[Record], backbone: ImageBackbone, cache_dir: Path, kind: str = "train", n_aug: int = 3,
             seed: int = 0, batch_size: int = 64, log: bool = True) -> ViewFeatures:
-    """Features for every view of ``records`` (``kind``: train = clean + n_aug augmented; clean; a shift)."""
+    """Features for every view of ``records`` (``kind``: train = clean + n_aug augmented; clean; a shift).
+
+    Each view index is cached on its own, so raising ``n_aug`` only computes the new views.
+    """
+    parts = [_extract_one(records, backbone, cache_dir, kind, v, seed, batch_size, log)
+             for v in range(1 + n_aug if kind == "train" else 1)]
+    return ViewFeatures(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("backbone", "hist", "item", "grey")))
+
+
+def _extract_one(records: list[Record], backbone: ImageBackbone, cache_dir: Path, kind: str, view: int, seed: int,
+                 batch_size: int, log: bool) -> ViewFeatures:
     ids = [r.item.id for r in records]
-    key = _key(backbone.name, backbone.size, AUG_VERSION, kind, n_aug if kind == "train" else 0, seed, ids)
-    path = cache_dir / f"views-{kind}-{key}.npz"
+    key = _key(backbone.name, backbone.size, AUG_VERSION if view > 0 or kind not in ("train", "clean") else 0,
+               "clean" if kind == "clean" or view == 0 else kind, view if kind == "train" else 0, seed, ids)
+    path = cache_dir / f"views-{kind}{view}-{key}.npz"
     if path.exists():
         z = np.load(path)
         return ViewFeatures(z["backbone"].astype(np.float32), z["hist"].astype(np.float32), z["item"], z["grey"])
-    jobs = _make_views(records, n_aug, seed, kind)
+    jobs = _make_views(records, kind, view, seed)
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     feats, hists, items, greys = [], [], [], []
     start = time.time()
@@ -91,9 +103,9 @@ def extract(records: list[Record], backbone: ImageBackbone, cache_dir: Path, kin
             hists.append(hist)
             items.append(item)
             greys.append(grey)
-            if log and (b % 20 == 0 or b == len(batches) - 1):
+            if log and (b % 40 == 0 or b == len(batches) - 1):
                 done = sum(len(x) for x in items)
-                print(f"  [{kind}] {done}/{len(jobs)} views, {done / (time.time() - start):.0f}/s", file=sys.stderr)
+                print(f"  [{kind}{view}] {done}/{len(jobs)} views, {done / (time.time() - start):.0f}/s", file=sys.stderr)
     # Round through float16 like the cache does, so a fresh run and a cached run train identically.
     out = ViewFeatures(
         np.concatenate(feats).astype(np.float16).astype(np.float32),

@@ -238,10 +238,11 @@ class _FileParser:
 
     @staticmethod
     def _in_cycle(attribute: Attribute, key: str, keys: set[str]) -> bool:
+        """Whether following parents from ``key`` comes back to ``key`` (labels below a cycle are not in it)."""
         seen: set[str] = set()
-        current: str | None = key
-        while current is not None and current in keys:
-            if current in seen:
+        current = attribute.label(key).parent
+        while current is not None and current in keys and current not in seen:
+            if current == key:
                 return True
             seen.add(current)
             current = attribute.label(current).parent
@@ -254,20 +255,32 @@ def parse_taxonomy(path: Path, text: str | None = None) -> tuple[Taxonomy | None
     return taxonomy, parser.errors
 
 
+def _line_of(source: str, key: str) -> int | None:
+    """The line of a dotted key path in a taxonomy file (for errors found across files)."""
+    try:
+        return _Lines(source, Path(source).read_text(encoding="utf-8")).line(*key.split("."))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _set_error(message: str, taxonomy: Taxonomy, key: str) -> TaxonomyError:
+    return TaxonomyError(message, path=taxonomy.source, line=_line_of(taxonomy.source, key), key=key)
+
+
 def _check_set(taxonomies: list[Taxonomy]) -> list[TaxonomyError]:
     errors: list[TaxonomyError] = []
     owners: dict[str, Taxonomy] = {}
     names: dict[str, Taxonomy] = {}
     for taxonomy in taxonomies:
         if taxonomy.name in names:
-            errors.append(TaxonomyError(f"taxonomy name {taxonomy.name!r} is also used by {names[taxonomy.name].source}",
-                                        path=taxonomy.source, key="taxonomy"))
+            errors.append(_set_error(f"taxonomy name {taxonomy.name!r} is also used by {names[taxonomy.name].source}",
+                                     taxonomy, "taxonomy"))
         names[taxonomy.name] = taxonomy
         for attribute in taxonomy.attributes:
             if attribute.name in owners:
-                errors.append(TaxonomyError(
+                errors.append(_set_error(
                     f"attribute {attribute.name!r} is also defined in {owners[attribute.name].source}; attribute names "
-                    "must be unique across taxonomies", path=taxonomy.source, key=f"attributes.{attribute.name}"))
+                    "must be unique across taxonomies", taxonomy, f"attributes.{attribute.name}"))
             owners[attribute.name] = taxonomy
     attributes = {a.name: a for t in taxonomies for a in t.attributes}
     for taxonomy in taxonomies:
@@ -276,18 +289,18 @@ def _check_set(taxonomies: list[Taxonomy]) -> list[TaxonomyError]:
                 where = f"attributes.{attribute.name}.applies_to.{condition}"
                 target = attributes.get(condition)
                 if target is None:
-                    errors.append(TaxonomyError(f"condition names the unknown attribute {condition!r}",
-                                                path=taxonomy.source, key=where))
+                    errors.append(_set_error(f"condition names the unknown attribute {condition!r}; use the name of "
+                                             "a single-label attribute of any taxonomy", taxonomy, where))
                     continue
                 if target.kind != "single":
-                    errors.append(TaxonomyError(f"conditions may only refer to single-label attributes; "
-                                                f"{condition!r} is multi-label", path=taxonomy.source, key=where))
+                    errors.append(_set_error(f"conditions may only refer to single-label attributes; "
+                                             f"{condition!r} is multi-label", taxonomy, where))
                 known = {label.key for label in target.labels}
                 for key in keys:
                     if key not in known:
-                        errors.append(TaxonomyError(
+                        errors.append(_set_error(
                             f"condition names {key!r}, which is not a label of {condition!r} "
-                            f"(in {target.taxonomy}); use one of its label keys", path=taxonomy.source, key=where))
+                            f"(in {target.taxonomy}); use one of its label keys", taxonomy, where))
     return errors
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of {}", "a product photo of {}")
 
@@ -90,6 +91,27 @@ class Taxonomy:
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "description": self.description, "attributes": [asdict(a) for a in self.attributes]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "") -> Taxonomy:
+        """The inverse of ``to_json`` (a version stored in ``taxonomy_versions.content``); same ``version``."""
+        attributes = []
+        for raw in data["attributes"]:
+            labels = tuple(
+                Label(key=lab["key"], name=lab["name"], prompts=tuple(lab["prompts"]),
+                      synonyms=tuple(lab.get("synonyms") or ()), parent=lab.get("parent"),
+                      threshold=lab.get("threshold"), translations=dict(lab.get("translations") or {}))
+                for lab in raw["labels"]
+            )
+            attributes.append(Attribute(
+                name=raw["name"], taxonomy=raw["taxonomy"], labels=labels, display_name=raw.get("display_name", ""),
+                kind=raw.get("kind", "single"), hierarchical=bool(raw.get("hierarchical", False)),
+                threshold=raw.get("threshold"), top_k=raw.get("top_k"),
+                applies_to={str(k): tuple(v) for k, v in (raw.get("applies_to") or {}).items()},
+                templates=tuple(raw.get("templates") or DEFAULT_TEMPLATES),
+            ))
+        return cls(name=str(data["name"]), attributes=tuple(attributes), source=source,
+                   description=str(data.get("description") or ""))
 
 
 @dataclass(frozen=True)
