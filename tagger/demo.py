@@ -56,8 +56,10 @@ def _stop_worker(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
-def _progress(conn: Any, skus: list[str]) -> tuple[int, int]:
-    done = conn.execute(text("SELECT count(*) FROM products WHERE sku = ANY(:s)"), {"s": skus}).scalar()
+def _progress(conn: Any, skus: list[str], model_id: str) -> tuple[int, int]:
+    # Embeddings of this model, so a database left by an earlier run with another model does not count.
+    done = conn.execute(text("SELECT count(*) FROM embeddings WHERE sku = ANY(:s) AND model_id = :m"),
+                        {"s": skus, "m": model_id}).scalar()
     failed = conn.execute(
         text("SELECT count(DISTINCT sku) FROM failures WHERE sku = ANY(:s) AND resolved_at IS NULL"), {"s": skus}
     ).scalar()
@@ -70,7 +72,7 @@ def run_demo(catalog: Path = DEFAULT_CATALOG, concurrency: int = 2, timeout_s: f
     from tagger.cli import resolved_settings
     from tagger.db import migrate
     from tagger.db.engine import get_engine
-    from tagger.encoders.base import model_dimension
+    from tagger.encoders.base import get_encoder, model_dimension
     from tagger.events import publish, read_catalog
     from tagger.taxonomy import load_taxonomies
 
@@ -83,6 +85,7 @@ def run_demo(catalog: Path = DEFAULT_CATALOG, concurrency: int = 2, timeout_s: f
     assert settings.database_url and settings.broker_url
     print(f"  database: {settings.database_url}\n  broker:   {settings.broker_url}\n  model:    {settings.model}")
     migrate.upgrade(settings.database_url, model_dimension(settings.model))
+    model_id = get_encoder(settings.model, "cpu").model_id
     taxonomies = load_taxonomies(settings.taxonomy_dir)
     events = list(read_catalog(catalog))
     skus = [str(e["sku"]) for e in events]
@@ -98,7 +101,7 @@ def run_demo(catalog: Path = DEFAULT_CATALOG, concurrency: int = 2, timeout_s: f
         with tqdm(total=len(skus), unit="product", desc="tagging") as bar:
             while True:
                 with engine.connect() as conn:
-                    done, failed = _progress(conn, skus)
+                    done, failed = _progress(conn, skus, model_id)
                 bar.n = done + failed
                 bar.set_postfix(failed=failed)
                 bar.refresh()
@@ -114,16 +117,16 @@ def run_demo(catalog: Path = DEFAULT_CATALOG, concurrency: int = 2, timeout_s: f
     finally:
         _stop_worker(worker)
     with engine.connect() as conn:
-        summary = _summary(conn, events, taxonomies)
+        summary = _summary(conn, events, taxonomies, model_id)
     _print_summary(summary, settings.database_url, time.monotonic() - started)
     return 0
 
 
-def _summary(conn: Any, events: list[dict[str, Any]], taxonomies: Any) -> dict[str, Any]:
+def _summary(conn: Any, events: list[dict[str, Any]], taxonomies: Any, model_id: str) -> dict[str, Any]:
     skus = [e["sku"] for e in events]
     tags = conn.execute(
         text("SELECT sku, attribute, value, path, score, status, rank FROM tags WHERE sku = ANY(:s) "
-             "ORDER BY sku, attribute, rank"), {"s": skus}).all()
+             "AND model_id = :m ORDER BY sku, attribute, rank"), {"s": skus, "m": model_id}).all()
     top: dict[str, dict[str, tuple[str, float, str, str | None]]] = {}
     for sku, attribute, value, path, score, status, rank in tags:
         if rank == 1:
@@ -152,7 +155,7 @@ def _summary(conn: Any, events: list[dict[str, Any]], taxonomies: Any) -> dict[s
     expected_pairs = {(a, b) for group in groups.values() for a in group for b in group if a < b}
     pairs = conn.execute(
         text("SELECT sku_a, sku_b, similarity FROM duplicate_matches WHERE sku_a = ANY(:s) AND sku_b = ANY(:s) "
-             "ORDER BY similarity DESC"), {"s": skus}).all()
+             "AND model_id = :m ORDER BY similarity DESC"), {"s": skus, "m": model_id}).all()
     found = {(a, b) for a, b, _ in pairs}
     failures = conn.execute(
         text("SELECT sku, stage, error_class, message FROM failures WHERE sku = ANY(:s) AND resolved_at IS NULL"),
@@ -160,12 +163,12 @@ def _summary(conn: Any, events: list[dict[str, Any]], taxonomies: Any) -> dict[s
     review = sum(1 for sku in top for (_, _, status, _) in top[sku].values() if status == "needs_review")
     return {"top": top, "agreement": agreement, "pairs": pairs, "expected_pairs": expected_pairs, "found": found,
             "failures": failures, "events": events, "review": review,
-            "tag_rows": len(tags)}
+            "tag_rows": len(tags), "model_id": model_id}
 
 
 def _print_summary(s: dict[str, Any], database_url: str, elapsed: float) -> None:
     events = s["events"]
-    print(f"\n=== tagger demo: {len(events)} products in {elapsed:.0f}s ===")
+    print(f"\n=== tagger demo: {len(events)} products in {elapsed:.0f}s, model {s['model_id']} ===")
     print(f"{s['tag_rows']} tag rows; {s['review']} top tags wait for review (under their attribute's threshold)\n")
     shown = [e for e in events if not (e.get("attributes") or {}).get("duplicate_of")][:: max(1, len(events) // 4)][:4]
     for event in shown:
