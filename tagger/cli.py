@@ -65,6 +65,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_relay(args: argparse.Namespace) -> int:
+    from tagger import outbox
+    from tagger.db.engine import get_engine
+    from tagger.encoders.base import get_encoder
+    from tagger.events import QUEUE
+    from tagger.taxonomy import load_taxonomies
+
+    settings = resolved_settings()
+    engine = get_engine(str(settings.database_url))
+    model_id = get_encoder(settings.model, "cpu").model_id
+
+    def reconcile_pass() -> int:
+        # Taxonomies are re-read each pass, so an edited taxonomy counts as the current version.
+        versions = list(load_taxonomies(settings.taxonomy_dir).versions.values())
+        return outbox.reconcile(engine, model_id, versions)
+
+    log.info("relay started (poll %.1fs, redeliver after %.0fs)", args.poll, args.redeliver_after)
+    outbox.run_relay(engine, outbox.celery_sender(), poll_s=args.poll, redeliver_after_s=args.redeliver_after,
+                     max_attempts=settings.max_retries, queue_depth=outbox.redis_queue_depth(str(settings.broker_url), QUEUE),
+                     reconcile_every_s=args.reconcile_every, reconcile_pass=None if args.no_reconcile else reconcile_pass)
+    return 0
+
+
 def _load_events(path: str) -> list[dict[str, object]]:
     raw = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     stripped = raw.strip()
@@ -203,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queues", help="comma-separated queues to consume")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("relay", help="deliver outbox events to the workers; re-send lost ones; reconcile")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between passes (NOTIFY wakes it sooner)")
+    p.add_argument("--redeliver-after", type=float, default=60.0, help="seconds before an unprocessed event is re-sent")
+    p.add_argument("--reconcile-every", type=float, default=60.0, help="seconds between reconciliation passes")
+    p.add_argument("--no-reconcile", action="store_true")
+    p.set_defaults(func=cmd_relay)
 
     p = sub.add_parser("migrate", help="create or upgrade the database schema (Alembic)")
     p.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION instead (e.g. base)")

@@ -144,14 +144,25 @@ def new_event(type: str, sku: str, **fields: Any) -> dict[str, Any]:
     return event
 
 
-def publish(events: ProductEvent | Mapping[str, Any] | Iterable[Mapping[str, Any]], *, validate: bool = True) -> int:
-    """Send events to the workers; returns how many were sent.
+def with_identity(event: ProductEvent) -> ProductEvent:
+    """The event with an ``id`` and ``occurred_at`` (the outbox keys on the id; ordering uses the time)."""
+    missing: dict[str, Any] = {}
+    if event.id is None:
+        missing["id"] = uuid.uuid4().hex
+    if event.occurred_at is None:
+        missing["occurred_at"] = datetime.now(UTC)
+    return event.model_copy(update=missing) if missing else event
 
-    Events are validated first (``InvalidEvent`` for the first bad one, nothing sent) unless
-    ``validate=False``, in which case the worker validates and records failures.
+
+def publish(events: ProductEvent | Mapping[str, Any] | Iterable[Mapping[str, Any]], *, validate: bool = True,
+            source: str = "publish") -> int:
+    """Send events to the workers; returns how many were accepted.
+
+    Events are validated (``InvalidEvent`` for the first bad one, nothing recorded), written to the
+    outbox in one transaction, then relayed to the broker at once; if the broker is down the relay
+    (``tagger relay``) delivers them later. ``validate=False`` skips both validation and the outbox
+    and sends raw payloads straight to the broker, for testing how workers treat hostile input.
     """
-    from tagger.worker.app import app
-
     batch: list[Mapping[str, Any]]
     if isinstance(events, ProductEvent):
         batch = [events.to_message()]
@@ -159,11 +170,29 @@ def publish(events: ProductEvent | Mapping[str, Any] | Iterable[Mapping[str, Any
         batch = [events]
     else:
         batch = list(events)
-    messages = [parse_event(e).to_message() if validate else dict(e) for e in batch]
-    with app.producer_or_acquire() as producer:
-        for message in messages:
-            app.send_task(TASK_NAME, args=[message], queue=QUEUE, producer=producer)
-    return len(messages)
+    if not validate:
+        from tagger.outbox import celery_sender
+
+        celery_sender()([dict(e) for e in batch])
+        return len(batch)
+    parsed = [with_identity(parse_event(e)) for e in batch]
+    from tagger import outbox, services
+    from tagger.db.engine import get_engine
+    from tagger.settings import get_settings
+
+    settings = services.resolve(get_settings())
+    engine = get_engine(str(settings.database_url))
+    with engine.begin() as conn:
+        outbox.enqueue(conn, parsed, source)
+    try:
+        outbox.relay_once(engine, outbox.celery_sender(),
+                          queue_depth=outbox.redis_queue_depth(str(settings.broker_url), QUEUE))
+    except Exception as exc:  # noqa: BLE001 - recorded in the outbox: the relay sends them once the broker is back
+        import logging
+
+        logging.getLogger("tagger.events").warning("events recorded; broker unavailable, the relay will send them: %s",
+                                                   exc)
+    return len(parsed)
 
 
 def read_catalog(path: Path, *, event_type: str = "product.created") -> Iterator[dict[str, Any]]:

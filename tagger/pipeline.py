@@ -145,6 +145,15 @@ class Pipeline:
             repo.record_failure(conn, payload=payload, sku=sku, stage=stage, error_class=type(exc).__name__,
                                 message=str(exc), event_id=event_id if isinstance(event_id, str) else None)
 
+    def mark_delivered(self, payload: Any, outcome: str) -> None:
+        """Close the event's outbox row, so the relay does not send it again."""
+        event_id = payload.get("id") if isinstance(payload, dict) else None
+        if isinstance(event_id, str) and event_id:
+            from tagger.outbox import mark_processed
+
+            with self.engine.begin() as conn:
+                mark_processed(conn, event_id, outcome)
+
     def _is_stale(self, stored: repo.StoredProduct | None, event: ProductEvent) -> bool:
         return bool(stored and stored.last_event_at and event.occurred_at and event.occurred_at < stored.last_event_at)
 

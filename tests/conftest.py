@@ -85,10 +85,13 @@ def database_url(server_settings: Settings) -> str:
     assert server_settings.database_url
     url = create_database(server_settings.database_url, f"tagger_shared_{os.getpid()}")
     migrate.upgrade(url, DIM)
+    # publish() and the relay read the database from the settings: point them at this migrated database.
+    os.environ["TAGGER_DATABASE_URL"] = url
+    set_settings(None)
     return url
 
 
-TABLES = ("failures", "duplicate_matches", "tags", "embeddings", "label_embeddings", "taxonomy_versions", "products")
+TABLES = ("outbox", "pim_products", "failures", "duplicate_matches", "tags", "embeddings", "label_embeddings", "taxonomy_versions", "products")
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ def process_event(self: Task, payload: Any) -> dict[str, str | None]:
         if self.request.retries >= p.settings.max_retries:
             # Out of retries: record it where operators look, and stop redelivering.
             p.record_failure(payload, exc)
+            p.mark_delivered(payload, "failed")
             return {"sku": None, "status": "failed", "detail": str(exc)}
         log.warning("transient failure, retrying: %s", exc)
         raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries, p.settings.retry_backoff_max_s),
@@ -50,9 +51,11 @@ def process_event(self: Task, payload: Any) -> dict[str, str | None]:
         log.exception("unexpected error while processing an event")
         try:
             p.record_failure(payload, exc)
+            p.mark_delivered(payload, "failed")
         except Exception:  # noqa: BLE001 - the database itself may be down; then Celery's retry is all we have
             raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries, p.settings.retry_backoff_max_s),
                              max_retries=p.settings.max_retries) from exc
         return {"sku": None, "status": "failed", "detail": str(exc)}
     log.info("event %s for %s: %s", outcome.status, outcome.sku, outcome.detail)
+    p.mark_delivered(payload, outcome.status)
     return {"sku": outcome.sku, "status": outcome.status, "detail": outcome.detail}
