@@ -48,7 +48,7 @@ class Settings:
     # Tagging.
     review_threshold: float = 0.5  # below this a machine tag is stored as needs_review
     top_k: int = 3  # labels stored per attribute
-    text_weight: float = 0.0  # share of the product text in the zero-shot score (0: image only)
+    text_weight: float = 0.3  # share of the product text (title, description) in the score; 0: image only
 
     # Near-duplicates.
     duplicate_threshold: float = 0.95  # cosine similarity of image embeddings
@@ -68,6 +68,10 @@ class Settings:
     worker_max_tasks_per_child: int = 1000
     task_soft_time_limit_s: int = 120
     task_time_limit_s: int = 180
+
+    # Webhook receiver (``tagger serve``): HMAC-SHA256 shared secret; unset means POST /events answers 503.
+    webhook_secret: str | None = field(default=None, repr=False)  # never printed with the settings
+    webhook_tolerance_s: int = 300  # accepted clock skew of X-Tagger-Timestamp, in seconds
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -91,7 +91,7 @@ def database_url(server_settings: Settings) -> str:
     return url
 
 
-TABLES = ("outbox", "pim_products", "failures", "duplicate_matches", "tags", "embeddings", "label_embeddings", "taxonomy_versions", "products")
+TABLES = ("outbox", "pim_products", "taxonomy_applies", "failures", "duplicate_matches", "tags", "embeddings", "label_embeddings", "taxonomy_versions", "products")
 
 
 @pytest.fixture

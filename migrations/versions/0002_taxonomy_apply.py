@@ -5,6 +5,7 @@
 - ``taxonomy_state``: one row per taxonomy, the version ``tagger taxonomy apply`` last applied; ``tagger taxonomy
   diff`` compares the files on disk with it.
 - ``taxonomy_applies``: one row per apply that changed something (versions, plan, counts, timing).
+- ``tags`` gets fillfactor 70 so that re-tagging can update rows in place (HOT updates).
 
 Revision ID: 0002
 Revises: 0001
@@ -20,6 +21,9 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # Re-tagging rewrites score/rank/version of many tag rows; free space on each page lets Postgres update them
+    # in place (HOT: no new index entries) when no indexed column changes. Applies to pages written from now on.
+    op.execute("ALTER TABLE tags SET (fillfactor = 70)")
     op.execute("ALTER TABLE taxonomy_versions ADD COLUMN applied_at timestamptz")
     op.execute(
         """
@@ -54,3 +58,4 @@ def downgrade() -> None:
     op.execute("DROP TABLE IF EXISTS taxonomy_applies")
     op.execute("DROP TABLE IF EXISTS taxonomy_state")
     op.execute("ALTER TABLE taxonomy_versions DROP COLUMN IF EXISTS applied_at")
+    op.execute("ALTER TABLE tags RESET (fillfactor)")

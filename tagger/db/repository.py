@@ -280,3 +280,269 @@ def store_label_embeddings(conn: Connection, model_id: str, taxonomy: str, versi
         [{"m": model_id, "t": taxonomy, "v": version, "attribute": a, "label": label, "embedding": e,
           "prompts": json.dumps(p, ensure_ascii=False)} for a, label, e, p in rows],
     )
+
+
+# ---- taxonomy apply (``tagger taxonomy diff|apply|history``, ``tagger.retag``) ------------------------------------
+
+APPLY_LOCK = "tagger.taxonomy.apply"
+RETAG_COLUMNS = ("sku", "taxonomy", "attribute", "value", "score", "rank", "path", "model_id", "taxonomy_version",
+                 "status")
+
+
+def applied_taxonomy_versions(conn: Connection) -> dict[str, str]:
+    """The version of each taxonomy that ``tagger taxonomy apply`` last applied."""
+    return {r[0]: r[1] for r in conn.execute(text("SELECT taxonomy, version FROM taxonomy_state"))}
+
+
+def tagged_taxonomy_versions(conn: Connection) -> dict[str, str]:
+    """For a database never applied to: the stored version most machine tags of each taxonomy carry."""
+    rows = conn.execute(text(
+        """
+        SELECT DISTINCT ON (t.taxonomy) t.taxonomy, t.taxonomy_version
+        FROM tags t JOIN taxonomy_versions v ON v.taxonomy = t.taxonomy AND v.version = t.taxonomy_version
+        WHERE t.source = 'machine'
+        GROUP BY t.taxonomy, t.taxonomy_version
+        ORDER BY t.taxonomy, count(*) DESC, max(v.created_at) DESC
+        """
+    )).all()
+    return {r[0]: r[1] for r in rows}
+
+
+def load_taxonomy_content(conn: Connection, taxonomy: str, version: str) -> dict[str, Any] | None:
+    row = conn.execute(text("SELECT content FROM taxonomy_versions WHERE taxonomy = :t AND version = :v"),
+                       {"t": taxonomy, "v": version}).first()
+    return None if row is None else (row[0] if isinstance(row[0], dict) else json.loads(row[0]))
+
+
+def mark_taxonomies_applied(conn: Connection, versions: dict[str, str], removed: Sequence[str] = ()) -> None:
+    """Record ``versions`` as the applied ones (the versions must be stored already)."""
+    for taxonomy, version in versions.items():
+        conn.execute(text(
+            """
+            INSERT INTO taxonomy_state AS s (taxonomy, version) VALUES (:t, :v)
+            ON CONFLICT (taxonomy) DO UPDATE SET version = EXCLUDED.version, applied_at = now()
+            WHERE s.version IS DISTINCT FROM EXCLUDED.version
+            """), {"t": taxonomy, "v": version})
+        conn.execute(text("UPDATE taxonomy_versions SET applied_at = now() WHERE taxonomy = :t AND version = :v "
+                          "AND applied_at IS NULL"), {"t": taxonomy, "v": version})
+    if removed:
+        conn.execute(text("DELETE FROM taxonomy_state WHERE taxonomy = ANY(:r)"), {"r": list(removed)})
+
+
+def record_taxonomy_apply(conn: Connection, *, from_versions: dict[str, str], to_versions: dict[str, str],
+                          model_id: str | None, plan: dict[str, list[str]], changes: list[dict[str, Any]],
+                          products: int, rows_written: int, rows_deleted: int, seconds: float) -> None:
+    conn.execute(text(
+        """
+        INSERT INTO taxonomy_applies (from_versions, to_versions, model_id, plan, changes, products, rows_written,
+                                      rows_deleted, seconds)
+        VALUES (CAST(:f AS jsonb), CAST(:t AS jsonb), :m, CAST(:p AS jsonb), CAST(:c AS jsonb), :products, :w, :d, :s)
+        """), {"f": json.dumps(from_versions), "t": json.dumps(to_versions), "m": model_id, "p": json.dumps(plan),
+               "c": json.dumps(changes, ensure_ascii=False), "products": products, "w": rows_written,
+               "d": rows_deleted, "s": seconds})
+
+
+def taxonomy_history(conn: Connection, taxonomy: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Stored versions, newest first, with when each was applied and whether it is the applied one."""
+    rows = conn.execute(text(
+        """
+        SELECT v.taxonomy, v.version, v.created_at, v.applied_at, s.version IS NOT NULL AS current,
+               (SELECT count(*) FROM tags t WHERE t.taxonomy = v.taxonomy AND t.taxonomy_version = v.version) AS tags
+        FROM taxonomy_versions v
+        LEFT JOIN taxonomy_state s ON s.taxonomy = v.taxonomy AND s.version = v.version
+        WHERE CAST(:t AS text) IS NULL OR v.taxonomy = :t
+        ORDER BY v.taxonomy, coalesce(v.applied_at, v.created_at) DESC
+        LIMIT :limit
+        """), {"t": taxonomy, "limit": limit}).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def taxonomy_applies(conn: Connection, limit: int = 20) -> list[dict[str, Any]]:
+    rows = conn.execute(text("SELECT * FROM taxonomy_applies ORDER BY id DESC LIMIT :l"), {"l": limit}).mappings()
+    return [dict(r) for r in rows]
+
+
+def tag_counts(conn: Connection, attributes: Sequence[str]) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    """Products with any tag of each attribute, and products with each (attribute, value) tag."""
+    if not attributes:
+        return {}, {}
+    rows = conn.execute(text(
+        """
+        SELECT attribute, value, count(DISTINCT sku) FROM tags WHERE attribute = ANY(:a)
+        GROUP BY GROUPING SETS ((attribute), (attribute, value))
+        """), {"a": list(attributes)}).all()
+    per_attribute = {r[0]: int(r[2]) for r in rows if r[1] is None}
+    per_value = {(r[0], r[1]): int(r[2]) for r in rows if r[1] is not None}
+    return per_attribute, per_value
+
+
+def embedding_count(conn: Connection, model_id: str | None = None) -> int:
+    if model_id is None:
+        return int(conn.execute(text("SELECT count(DISTINCT sku) FROM embeddings")).scalar() or 0)
+    return int(conn.execute(text("SELECT count(*) FROM embeddings WHERE model_id = :m"), {"m": model_id}).scalar() or 0)
+
+
+def reusable_label_embeddings(conn: Connection, model_id: str, attributes: Sequence[str]
+                              ) -> dict[tuple[str, str, tuple[str, ...]], np.ndarray]:
+    """Every stored label embedding of these attributes for this model, keyed by (attribute, label, prompt texts):
+    a label whose prompt texts did not change reuses its vector instead of being encoded again."""
+    rows = conn.execute(text(
+        "SELECT attribute, label, prompts, embedding FROM label_embeddings WHERE model_id = :m AND attribute = ANY(:a) "
+        "ORDER BY created_at"), {"m": model_id, "a": list(attributes)}).all()
+    result: dict[tuple[str, str, tuple[str, ...]], np.ndarray] = {}
+    for attribute, label, prompts, embedding in rows:
+        texts = tuple(prompts if isinstance(prompts, list) else json.loads(prompts))
+        result[(attribute, label, texts)] = _array(embedding)
+    return result
+
+
+def _raw(conn: Connection) -> Any:
+    """The psycopg connection under a SQLAlchemy connection (same transaction), for COPY and binary fetches."""
+    return conn.connection.dbapi_connection
+
+
+def _vector_oid(raw: Any) -> int:
+    oid = getattr(raw, "_tagger_vector_oid", None)
+    if oid is None:
+        with raw.cursor() as cur:
+            oid = int(cur.execute("SELECT 'vector'::regtype::oid").fetchone()[0])
+        raw._tagger_vector_oid = oid
+    return oid
+
+
+def _raw_vector_loader() -> type:
+    from psycopg.adapt import Loader
+    from psycopg.pq import Format
+
+    class RawVectorLoader(Loader):
+        format = Format.BINARY
+
+        def load(self, data: Any) -> bytes:
+            return bytes(data)
+
+    return RawVectorLoader
+
+
+def _matrix(blobs: Sequence[bytes]) -> np.ndarray:
+    """pgvector's binary form (int16 dim, int16 unused, dim big-endian float32) of many rows as one (n, dim) array."""
+    if not blobs:
+        return np.zeros((0, 0), dtype=np.float32)
+    dim = int.from_bytes(blobs[0][:2], "big")
+    flat = np.frombuffer(b"".join(blobs), dtype=">f4").reshape(len(blobs), dim + 1)
+    return flat[:, 1:].astype(np.float32)
+
+
+def embeddings_page(conn: Connection, model_id: str, *, after: str | None, limit: int, with_text: bool
+                    ) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One page of stored embeddings in SKU order after ``after`` (keyset pagination over the primary key),
+    fetched in binary and decoded in one NumPy call. Returns SKUs, image vectors, text vectors (zeros where the
+    product has none) and a mask of the products that have a text vector (``None`` unless ``with_text``)."""
+    raw = _raw(conn)
+    columns = "sku, image_embedding" + (", text_embedding" if with_text else "")
+    with raw.cursor(binary=True) as cur:
+        cur.adapters.register_loader(_vector_oid(raw), _raw_vector_loader())
+        cur.execute(f"SELECT {columns} FROM embeddings WHERE model_id = %s AND (%s::text IS NULL OR sku > %s) "
+                    "ORDER BY sku LIMIT %s", (model_id, after, after, limit))
+        rows = cur.fetchall()
+    skus = [r[0] for r in rows]
+    images = _matrix([r[1] for r in rows])
+    if not with_text or not rows:
+        return skus, images, None, None
+    has_text = np.array([r[2] is not None for r in rows], dtype=bool)
+    texts = np.zeros_like(images)
+    if has_text.any():
+        texts[has_text] = _matrix([r[2] for r in rows if r[2] is not None])
+    return skus, images, texts, has_text
+
+
+def machine_tags_page(conn: Connection, attributes: Sequence[str], *, after: str | None, limit: int
+                      ) -> tuple[list[tuple[Any, ...]], str | None]:
+    """Machine tags of ``attributes`` that a machine may still change, for the SKUs after ``after``: about
+    ``limit`` rows, always whole SKUs. Rows: (sku, taxonomy, attribute, value, score, rank, path, model_id);
+    also returns the last SKU covered (the next page starts after it), ``None`` when there is nothing left."""
+    bound = conn.execute(text(
+        "SELECT max(sku) FROM (SELECT sku FROM tags WHERE attribute = ANY(:a) AND source = 'machine' "
+        "AND (CAST(:after AS text) IS NULL OR sku > :after) ORDER BY sku LIMIT :n) s"),
+        {"a": list(attributes), "after": after, "n": limit}).scalar()
+    if bound is None:
+        return [], None
+    return [tuple(r) for r in conn.execute(text(
+        """
+        SELECT sku, taxonomy, attribute, value, score, rank, path, model_id FROM tags
+        WHERE attribute = ANY(:a) AND source = 'machine' AND status NOT IN ('approved', 'rejected')
+          AND (CAST(:after AS text) IS NULL OR sku > :after) AND sku <= :bound
+        ORDER BY sku, attribute, rank
+        """), {"a": list(attributes), "after": after, "bound": bound}).all()], bound
+
+
+def write_machine_tags_bulk(conn: Connection, rows: Sequence[tuple[Any, ...]], skus: Sequence[str],
+                            attributes: Sequence[str], *, delete_missing: bool = True) -> tuple[int, int]:
+    """``upsert_machine_tags`` for many products at once: make the machine tags of ``attributes`` for ``skus``
+    exactly ``rows`` (tuples in ``RETAG_COLUMNS`` order). COPY into a temporary table, then one INSERT ... ON
+    CONFLICT and one DELETE. Same rules: manual tags and approved/rejected ones are never touched, a machine
+    row is rewritten only when a value changed. Returns (rows inserted or updated, rows deleted)."""
+    raw = _raw(conn)
+    with raw.cursor() as cur:
+        # A lost chunk (crash before the WAL is flushed) is redone by the next apply: no need to wait for fsync.
+        cur.execute("SET LOCAL synchronous_commit = off")
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS retag_rows (sku text, taxonomy text, attribute text, value text, "
+                    "score real, rank smallint, path text, model_id text, taxonomy_version text, status text) "
+                    "ON COMMIT DELETE ROWS")
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS retag_skus (sku text PRIMARY KEY) ON COMMIT DELETE ROWS")
+        cur.execute("TRUNCATE retag_rows, retag_skus")
+        with cur.copy(f"COPY retag_rows ({', '.join(RETAG_COLUMNS)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        with cur.copy("COPY retag_skus (sku) FROM STDIN") as copy:
+            for sku in skus:
+                copy.write_row((sku,))
+        cur.execute("ANALYZE retag_skus")
+        cur.execute(
+            """
+            INSERT INTO tags AS t (sku, taxonomy, attribute, value, score, rank, path, model_id, taxonomy_version,
+                                   source, status)
+            SELECT sku, taxonomy, attribute, value, score, rank, path, model_id, taxonomy_version, 'machine', status
+            FROM retag_rows
+            ON CONFLICT (sku, attribute, value) DO UPDATE SET
+                taxonomy = EXCLUDED.taxonomy, score = EXCLUDED.score, rank = EXCLUDED.rank, path = EXCLUDED.path,
+                model_id = EXCLUDED.model_id, taxonomy_version = EXCLUDED.taxonomy_version,
+                status = EXCLUDED.status, updated_at = now()
+            WHERE t.source = 'machine' AND t.status NOT IN ('approved', 'rejected')
+              AND (t.taxonomy, t.score, t.rank, t.path, t.model_id, t.taxonomy_version, t.status)
+                  IS DISTINCT FROM
+                  (EXCLUDED.taxonomy, EXCLUDED.score, EXCLUDED.rank, EXCLUDED.path, EXCLUDED.model_id,
+                   EXCLUDED.taxonomy_version, EXCLUDED.status)
+            """
+        )
+        written = max(cur.rowcount, 0)
+        deleted = 0
+        if delete_missing:
+            cur.execute(
+                """
+                DELETE FROM tags t USING retag_skus s
+                WHERE t.sku = s.sku AND t.attribute = ANY(%s) AND t.source = 'machine'
+                  AND t.status NOT IN ('approved', 'rejected')
+                  AND NOT EXISTS (SELECT 1 FROM retag_rows n
+                                  WHERE n.sku = t.sku AND n.attribute = t.attribute AND n.value = t.value)
+                """,
+                (list(attributes),),
+            )
+            deleted = max(cur.rowcount, 0)
+    return written, deleted
+
+
+def delete_machine_tags(conn: Connection, attributes: Sequence[str]) -> int:
+    """Machine tags of removed attributes (manual, approved and rejected ones stay)."""
+    if not attributes:
+        return 0
+    return conn.execute(text("DELETE FROM tags WHERE attribute = ANY(:a) AND source = 'machine' "
+                             "AND status NOT IN ('approved', 'rejected')"), {"a": list(attributes)}).rowcount
+
+
+def try_apply_lock(conn: Connection) -> bool:
+    """One taxonomy apply at a time per database (session-level advisory lock on ``conn``)."""
+    return bool(conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:k, 0))"), {"k": APPLY_LOCK}).scalar())
+
+
+def release_apply_lock(conn: Connection) -> None:
+    conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"), {"k": APPLY_LOCK})

@@ -55,7 +55,8 @@ class EvalData:
 
     def column(self, name: str) -> pd.Series:
         if name not in self.frame.columns:
-            raise DataError(f"column {name!r} is not in {self.source}; columns are: {', '.join(map(str, self.frame.columns))}")
+            columns = ", ".join(map(str, self.frame.columns))
+            raise DataError(f"column {name!r} is not in {self.source}; columns are: {columns}")
         return self.frame[name]
 
 

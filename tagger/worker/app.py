@@ -15,7 +15,7 @@ from tagger.events import QUEUE, TASK_NAME
 
 log = logging.getLogger("tagger.worker")
 
-app = Celery("tagger", include=["tagger.worker.tasks"])
+app = Celery("tagger", include=["tagger.worker.tasks", "tagger.worker.taxonomy_tasks"])
 
 
 def celery_config(broker_url: str, settings_visibility_s: int) -> dict[str, object]:
