@@ -105,14 +105,8 @@ class Pipeline:
             for taxonomy in missing:
                 subset = TaxonomySet((taxonomy,))
                 built = scoring.build_prototypes(subset, lambda texts: self.encoder.encode_texts(texts))
-                repo.store_taxonomy(conn, taxonomy)
-                rows = []
-                for attribute in taxonomy.attributes:
-                    proto = built[attribute.name]
-                    for key, vector in zip(proto.keys, proto.vectors, strict=True):
-                        rows.append((attribute.name, key, vector, attribute.label(key).prompt_texts(attribute.templates)))
-                    result[attribute.name] = proto
-                repo.store_label_embeddings(conn, model_id, taxonomy.name, taxonomy.version, rows)
+                repo.store_prototypes(conn, model_id, taxonomy, built)
+                result.update(built)
         return result
 
     # ---- events ----------------------------------------------------------------------------------

@@ -146,13 +146,7 @@ def ensure_label_embeddings(conn: Connection, taxonomies: Sequence[Taxonomy], en
             result[attribute.name] = scoring.LabelPrototypes(attribute.name, keys, np.stack([
                 reusable[(attribute.name, label.key, tuple(label.prompt_texts(attribute.templates)))]
                 for label in attribute.scored_labels]))
-        repo.store_taxonomy(conn, taxonomy)
-        rows = []
-        for attribute in taxonomy.attributes:
-            proto = result[attribute.name]
-            for key, vector in zip(proto.keys, proto.vectors, strict=True):
-                rows.append((attribute.name, key, vector, attribute.label(key).prompt_texts(attribute.templates)))
-        repo.store_label_embeddings(conn, model_id, taxonomy.name, taxonomy.version, rows)
+        repo.store_prototypes(conn, model_id, taxonomy, {a.name: result[a.name] for a in taxonomy.attributes})
     return result, encoded
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import Connection, text
 
 from tagger.duplicates import DuplicatePair
-from tagger.scoring import TagDecision
+from tagger.scoring import LabelPrototypes, TagDecision
 from tagger.taxonomy.model import Taxonomy
 
 
@@ -111,6 +111,21 @@ def upsert_embedding(conn: Connection, *, sku: str, model_id: str, image: np.nda
     )
 
 
+# How a machine tag lands on an existing row: never over a person's tag (manual, approved, rejected), and
+# only when a value changed, so a repeated event or apply rewrites nothing. Used by the per-event and bulk paths.
+MACHINE_TAG_CONFLICT = """
+    ON CONFLICT (sku, attribute, value) DO UPDATE SET
+        taxonomy = EXCLUDED.taxonomy, score = EXCLUDED.score, rank = EXCLUDED.rank, path = EXCLUDED.path,
+        model_id = EXCLUDED.model_id, taxonomy_version = EXCLUDED.taxonomy_version,
+        status = EXCLUDED.status, updated_at = now()
+    WHERE t.source = 'machine' AND t.status NOT IN ('approved', 'rejected')
+      AND (t.taxonomy, t.score, t.rank, t.path, t.model_id, t.taxonomy_version, t.status)
+          IS DISTINCT FROM
+          (EXCLUDED.taxonomy, EXCLUDED.score, EXCLUDED.rank, EXCLUDED.path, EXCLUDED.model_id,
+           EXCLUDED.taxonomy_version, EXCLUDED.status)
+"""
+
+
 def upsert_machine_tags(conn: Connection, sku: str, decisions: Sequence[TagDecision], *, model_id: str,
                         versions: dict[str, str], attributes: Sequence[str]) -> None:
     """Make the machine tags of ``attributes`` for ``sku`` exactly ``decisions``.
@@ -132,16 +147,7 @@ def upsert_machine_tags(conn: Connection, sku: str, decisions: Sequence[TagDecis
                                        source, status)
                 VALUES (:sku, :taxonomy, :attribute, :value, :score, :rank, :path, :model_id, :taxonomy_version,
                         'machine', :status)
-                ON CONFLICT (sku, attribute, value) DO UPDATE SET
-                    taxonomy = EXCLUDED.taxonomy, score = EXCLUDED.score, rank = EXCLUDED.rank, path = EXCLUDED.path,
-                    model_id = EXCLUDED.model_id, taxonomy_version = EXCLUDED.taxonomy_version,
-                    status = EXCLUDED.status, updated_at = now()
-                WHERE t.source = 'machine' AND t.status NOT IN ('approved', 'rejected')
-                  AND (t.taxonomy, t.score, t.rank, t.path, t.model_id, t.taxonomy_version, t.status)
-                      IS DISTINCT FROM
-                      (EXCLUDED.taxonomy, EXCLUDED.score, EXCLUDED.rank, EXCLUDED.path, EXCLUDED.model_id,
-                       EXCLUDED.taxonomy_version, EXCLUDED.status)
-                """
+                """ + MACHINE_TAG_CONFLICT
             ),
             rows,
         )
@@ -256,6 +262,18 @@ def store_taxonomy(conn: Connection, taxonomy: Taxonomy) -> None:
              "ON CONFLICT DO NOTHING"),
         {"t": taxonomy.name, "v": taxonomy.version, "c": json.dumps(taxonomy.to_json(), ensure_ascii=False)},
     )
+
+
+def store_prototypes(conn: Connection, model_id: str, taxonomy: Taxonomy,
+                     prototypes: Mapping[str, LabelPrototypes]) -> None:
+    """Record a taxonomy version and its label embeddings (with the prompt texts each one averages)."""
+    store_taxonomy(conn, taxonomy)
+    rows = [
+        (attribute.name, key, vector, attribute.label(key).prompt_texts(attribute.templates))
+        for attribute in taxonomy.attributes
+        for key, vector in zip(prototypes[attribute.name].keys, prototypes[attribute.name].vectors, strict=True)
+    ]
+    store_label_embeddings(conn, model_id, taxonomy.name, taxonomy.version, rows)
 
 
 def load_label_embeddings(conn: Connection, model_id: str, taxonomy: str, version: str) -> dict[tuple[str, str], np.ndarray]:
@@ -503,16 +521,7 @@ def write_machine_tags_bulk(conn: Connection, rows: Sequence[tuple[Any, ...]], s
                                    source, status)
             SELECT sku, taxonomy, attribute, value, score, rank, path, model_id, taxonomy_version, 'machine', status
             FROM retag_rows
-            ON CONFLICT (sku, attribute, value) DO UPDATE SET
-                taxonomy = EXCLUDED.taxonomy, score = EXCLUDED.score, rank = EXCLUDED.rank, path = EXCLUDED.path,
-                model_id = EXCLUDED.model_id, taxonomy_version = EXCLUDED.taxonomy_version,
-                status = EXCLUDED.status, updated_at = now()
-            WHERE t.source = 'machine' AND t.status NOT IN ('approved', 'rejected')
-              AND (t.taxonomy, t.score, t.rank, t.path, t.model_id, t.taxonomy_version, t.status)
-                  IS DISTINCT FROM
-                  (EXCLUDED.taxonomy, EXCLUDED.score, EXCLUDED.rank, EXCLUDED.path, EXCLUDED.model_id,
-                   EXCLUDED.taxonomy_version, EXCLUDED.status)
-            """
+            """ + MACHINE_TAG_CONFLICT
         )
         written = max(cur.rowcount, 0)
         deleted = 0
