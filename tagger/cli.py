@@ -88,6 +88,12 @@ def cmd_relay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tagger.web.serve import main
+
+    return int(main(args.rest) or 0)
+
+
 def _load_events(path: str) -> list[dict[str, object]]:
     raw = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     stripped = raw.strip()
@@ -233,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconcile-every", type=float, default=60.0, help="seconds between reconciliation passes")
     p.add_argument("--no-reconcile", action="store_true")
     p.set_defaults(func=cmd_relay)
+
+    p = sub.add_parser("serve", help="receive signed product events over HTTP (webhooks); /healthz, /metrics",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("migrate", help="create or upgrade the database schema (Alembic)")
     p.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION instead (e.g. base)")

@@ -44,7 +44,7 @@ class ProductEvent(BaseModel):
     image: str | None = Field(default=None, min_length=1, max_length=4_096)
     attributes: dict[str, Any] = Field(default_factory=dict)
     occurred_at: datetime | None = None
-    id: str | None = Field(default=None, max_length=128)
+    id: str | None = Field(default=None, min_length=1, max_length=128)
 
     @field_validator("sku")
     @classmethod
@@ -53,7 +53,7 @@ class ProductEvent(BaseModel):
             raise ValueError("must not contain control characters (NUL, newline, tab) or surrounding spaces")
         return value
 
-    @field_validator("title", "description", "brand")
+    @field_validator("title", "description", "brand", "image", "id")
     @classmethod
     def _no_nul(cls, value: str | None) -> str | None:
         if value is not None and "\x00" in value:

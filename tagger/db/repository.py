@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -219,12 +220,15 @@ def delete_product(conn: Connection, sku: str) -> bool:
 def _bounded(value: Any, limit: int = 2_000) -> Any:
     """A JSON-safe copy of a payload for the failures table: long strings cut, NUL bytes made visible."""
     if isinstance(value, str):
-        value = value.replace("\x00", "\\0")
+        # NUL bytes and lone surrogates cannot be stored in jsonb nor hashed as UTF-8: make them visible instead.
+        value = value.replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")
         return value if len(value) <= limit else value[:limit] + f"…[{len(value) - limit} more characters]"
     if isinstance(value, dict):
         return {str(_bounded(k, 200)): _bounded(v, limit) for k, v in list(value.items())[:200]}
     if isinstance(value, (list, tuple)):
         return [_bounded(v, limit) for v in list(value)[:200]]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # jsonb has no NaN or Infinity
     if value is None or isinstance(value, (bool, int, float)):
         return value
     return _bounded(repr(value), limit)
