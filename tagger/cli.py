@@ -297,8 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "rest"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.rest = list(args.rest) + extra
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tagger.logs import configure_logging
+
+    configure_logging(logging.INFO if args.verbose else logging.WARNING, get_settings().log_format)
     try:
         return int(args.func(args) or 0)
     except TaggerError as exc:

@@ -68,6 +68,12 @@ class ImageUnreachable(TransientError):
     stage = "image"
 
 
+class PoisonEvent(PermanentError):
+    """An event whose processing kills the worker process every time it is tried."""
+
+    stage = "delivery"
+
+
 class DatabaseUnavailable(TransientError):
     """Postgres did not answer; retried."""
 

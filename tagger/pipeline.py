@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tagger import scoring
@@ -134,10 +134,20 @@ class Pipeline:
         stage = getattr(exc, "stage", "internal")
         sku = event.sku if event else sku_hint(payload)
         event_id = event.id if event else (payload.get("id") if isinstance(payload, dict) else None)
-        log.warning("event %s for SKU %s failed at stage %s: %s: %s", event_id, sku, stage, type(exc).__name__, exc)
+        log.warning("event failed at stage %s: %s: %s", stage, type(exc).__name__, exc,
+                    extra={"sku": sku, "event_id": event_id, "stage": stage, "error_class": type(exc).__name__})
         with self.engine.begin() as conn:
             repo.record_failure(conn, payload=payload, sku=sku, stage=stage, error_class=type(exc).__name__,
                                 message=str(exc), event_id=event_id if isinstance(event_id, str) else None)
+
+    def count_delivery(self, payload: Any) -> int | None:
+        """Count one more start of this event's processing; None for events that did not come through the outbox."""
+        event_id = payload.get("id") if isinstance(payload, dict) else None
+        if not isinstance(event_id, str) or not event_id:
+            return None
+        with self.engine.begin() as conn:
+            return conn.execute(text("UPDATE outbox SET deliveries = deliveries + 1 WHERE event_id = :id "
+                                     "AND processed_at IS NULL RETURNING deliveries"), {"id": event_id}).scalar()
 
     def mark_delivered(self, payload: Any, outcome: str) -> None:
         """Close the event's outbox row, so the relay does not send it again."""

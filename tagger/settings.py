@@ -68,6 +68,7 @@ class Settings:
     worker_max_tasks_per_child: int = 1000
     task_soft_time_limit_s: int = 120
     task_time_limit_s: int = 180
+    log_format: str = "text"  # text | json (one object per line, with sku and event_id)
 
     # Webhook receiver (``tagger serve``): HMAC-SHA256 shared secret; unset means POST /events answers 503.
     webhook_secret: str | None = field(default=None, repr=False)  # never printed with the settings
@@ -93,6 +94,8 @@ class Settings:
                 raise ConfigurationError(f"{env_name(name)}={value} is out of range: use a number from 0 to 1")
         if not 0.0 <= self.text_weight <= 1.0:
             raise ConfigurationError(f"{env_name('text_weight')}={self.text_weight} must lie between 0 and 1")
+        if self.log_format not in ("text", "json"):
+            raise ConfigurationError(f"{env_name('log_format')}={self.log_format!r}: use text or json")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigurationError(f"{env_name('device')}={self.device!r}: use auto, cpu, cuda or cuda:N")
         for name in ("top_k", "batch_size", "duplicate_neighbours", "worker_concurrency"):

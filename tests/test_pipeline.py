@@ -113,3 +113,18 @@ def test_label_embeddings_are_cached_per_model_and_taxonomy_version(pipeline: Pi
     finally:
         pipeline.encoder.encode_texts = original  # type: ignore[method-assign]
     assert calls == []
+
+
+def test_json_logs_carry_sku_and_event_id() -> None:
+    import json
+    import logging
+
+    from tagger.logs import JsonFormatter, TextFormatter
+
+    record = logging.LogRecord("tagger.pipeline", logging.WARNING, __file__, 1, "event failed: %s", ("boom",), None)
+    record.sku, record.event_id = "SKU-1", "evt-1"
+    payload = json.loads(JsonFormatter().format(record))
+    assert payload["message"] == "event failed: boom" and payload["sku"] == "SKU-1" and payload["event_id"] == "evt-1"
+    assert "sku=SKU-1 event_id=evt-1" in TextFormatter("%(message)s").format(record)
+    with pytest.raises(ConfigurationError, match="TAGGER_LOG_FORMAT"):
+        Settings.from_env({"TAGGER_LOG_FORMAT": "xml"})

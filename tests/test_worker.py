@@ -264,3 +264,18 @@ def test_any_language_can_send_the_raw_celery_message(db: str, worker: Any, serv
     }
     redis.Redis.from_url(server_settings.broker_url).lpush("tagger.events", json.dumps(message))
     wait_processed(db, event["sku"], worker)
+
+
+def test_an_event_that_keeps_killing_its_worker_is_given_up(db: str, worker: Any, celery_publisher: Any) -> None:
+    """Stand-in for a message whose processing killed the worker process several times already: its outbox row
+    has counted those starts; the next delivery records a PoisonEvent failure instead of processing again."""
+    event = catalog_events(4)[3]
+    with get_engine(db).begin() as conn:
+        conn.execute(text("INSERT INTO outbox (event_id, sku, event, sent_at, deliveries) "
+                          "VALUES (:id, :sku, CAST(:e AS jsonb), now(), 5)"),
+                     {"id": event["id"], "sku": event["sku"], "e": json.dumps(event)})
+    celery_publisher(event)
+    stage, error_class, message, _ = wait_failure(db, event["sku"], worker, "PoisonEvent")
+    assert stage == "delivery" and "given up" in message
+    assert one(db, "SELECT count(*) FROM products WHERE sku = :s", s=event["sku"]) == 0
+    assert one(db, "SELECT outcome FROM outbox WHERE event_id = :id", id=event["id"]) == "failed"

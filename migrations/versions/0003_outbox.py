@@ -26,6 +26,7 @@ def upgrade() -> None:
             received_at    timestamptz NOT NULL DEFAULT now(),
             sent_at        timestamptz,
             send_attempts  integer NOT NULL DEFAULT 0,
+            deliveries     integer NOT NULL DEFAULT 0,
             processed_at   timestamptz,
             outcome        text
         )
@@ -33,6 +34,8 @@ def upgrade() -> None:
     )
     op.execute("COMMENT ON TABLE outbox IS 'events recorded before delivery; the relay sends unsent rows and "
                "re-sends rows whose processing never completed (lost broker messages)'")
+    op.execute("COMMENT ON COLUMN outbox.deliveries IS 'times a worker started the event; an event that kills its "
+               "worker every time is given up after a few'")
     op.execute("CREATE INDEX outbox_unsent ON outbox (id) WHERE sent_at IS NULL")
     op.execute("CREATE INDEX outbox_unprocessed ON outbox (sent_at) WHERE sent_at IS NOT NULL AND processed_at IS NULL")
     op.execute("CREATE INDEX outbox_sku ON outbox (sku)")

@@ -52,6 +52,15 @@ def _configure(sender: Celery, **_: object) -> None:
     )
 
 
+@signals.setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: object) -> None:
+    # Our format (text or JSON with sku and event id) for the worker and its children, instead of Celery's.
+    from tagger.logs import configure_logging
+    from tagger.settings import get_settings
+
+    configure_logging(loglevel or logging.INFO, get_settings().log_format)
+
+
 @signals.worker_process_init.connect
 def _init_child(**_: object) -> None:
     """Each forked child: one torch thread per child, fresh database connections, warm model."""

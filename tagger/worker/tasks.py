@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Task
 
-from tagger.errors import TransientError
+from tagger.errors import PoisonEvent, TransientError
 from tagger.events import TASK_NAME
 from tagger.pipeline import Outcome, Pipeline
 from tagger.worker.app import app
@@ -36,6 +36,14 @@ def backoff_seconds(retries: int, cap: int) -> int:
 def process_event(self: Task, payload: Any) -> dict[str, str | None]:
     """Process one product event (see ``tagger.events`` for the contract)."""
     p = pipeline()
+    deliveries = p.count_delivery(payload)
+    # A message that kills its worker process is redelivered forever under reject_on_worker_lost: stop it.
+    if deliveries is not None and deliveries > p.settings.max_retries + 3:
+        exc = PoisonEvent(f"event started {deliveries - 1} times without finishing (the worker process died each "
+                          "time, e.g. out of memory or a time limit); given up, check the worker logs")
+        p.record_failure(payload, exc)
+        p.mark_delivered(payload, "failed")
+        return {"sku": None, "status": "failed", "detail": str(exc)}
     try:
         outcome: Outcome = p.handle(payload)
     except TransientError as exc:
@@ -44,7 +52,8 @@ def process_event(self: Task, payload: Any) -> dict[str, str | None]:
             p.record_failure(payload, exc)
             p.mark_delivered(payload, "failed")
             return {"sku": None, "status": "failed", "detail": str(exc)}
-        log.warning("transient failure, retrying: %s", exc)
+        log.warning("transient failure, retrying: %s", exc,
+                    extra={"event_id": payload.get("id") if isinstance(payload, dict) else None})
         raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries, p.settings.retry_backoff_max_s),
                          max_retries=p.settings.max_retries) from exc
     except Exception as exc:  # noqa: BLE001 - a bug must not take the worker down nor loop forever
@@ -56,6 +65,8 @@ def process_event(self: Task, payload: Any) -> dict[str, str | None]:
             raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries, p.settings.retry_backoff_max_s),
                              max_retries=p.settings.max_retries) from exc
         return {"sku": None, "status": "failed", "detail": str(exc)}
-    log.info("event %s for %s: %s", outcome.status, outcome.sku, outcome.detail)
+    log.info("event %s: %s", outcome.status, outcome.detail,
+             extra={"sku": outcome.sku, "event_id": payload.get("id") if isinstance(payload, dict) else None,
+                    "outcome": outcome.status})
     p.mark_delivered(payload, outcome.status)
     return {"sku": outcome.sku, "status": outcome.status, "detail": outcome.detail}
