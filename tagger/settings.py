@@ -51,7 +51,7 @@ class Settings:
     text_weight: float = 0.3  # share of the product text (title, description) in the score; 0: image only
 
     # Near-duplicates.
-    duplicate_threshold: float = 0.95  # cosine similarity of image embeddings
+    duplicate_threshold: float = 0.90  # cosine similarity of image embeddings (see `tagger eval duplicates`)
     duplicate_neighbours: int = 10  # nearest neighbours examined per product
 
     # Fetching images safely.

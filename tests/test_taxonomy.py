@@ -68,7 +68,7 @@ def test_shipped_attributes_and_their_sources(shipped):
     assert category.threshold == 0.4 and category.top_k == 3
     assert category.templates == ("a photo of {}", "a product photo of {}", "a catalog photo of {}")
     # colour overrides the file's templates with its own
-    assert shipped.attribute("colour").templates[1] == "a {} fashion item"
+    assert shipped.attribute("colour").templates[1] == "{} colour"
     assert shipped.attribute("sleeve_length").applies_to == {"category": ("topwear", "dresses_group", "kurtas")}
     with pytest.raises(KeyError):
         shipped.attribute("no_such_attribute")
