@@ -185,8 +185,7 @@ def publish(events: ProductEvent | Mapping[str, Any] | Iterable[Mapping[str, Any
     with engine.begin() as conn:
         outbox.enqueue(conn, parsed, source)
     try:
-        outbox.relay_once(engine, outbox.celery_sender(),
-                          queue_depth=outbox.redis_queue_depth(str(settings.broker_url), QUEUE))
+        outbox.relay_once(engine, outbox.celery_sender())  # sends; re-sending lost events is the relay's job
     except Exception as exc:  # noqa: BLE001 - recorded in the outbox: the relay sends them once the broker is back
         import logging
 

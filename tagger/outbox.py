@@ -17,6 +17,7 @@ import select
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
@@ -57,8 +58,14 @@ def mark_processed(conn: Connection, event_id: str, outcome: str) -> None:
 
 
 def relay_once(engine: Engine, send: Sender, *, batch: int = 500, redeliver_after_s: float = 60.0,
-               max_attempts: int = 5, queue_depth: Callable[[], int | None] | None = None) -> RelayStats:
-    """One pass: send unsent rows, re-send lost ones. Safe to run in several processes (SKIP LOCKED)."""
+               max_attempts: int = 5, drained_at: datetime | None = None) -> RelayStats:
+    """One pass: send unsent rows; re-send lost ones. Safe to run in several processes (SKIP LOCKED).
+
+    A sent row counts as lost only if it was sent at least ``redeliver_after_s`` before ``drained_at``, a
+    moment the broker queue was seen empty: it was no longer queued then, and had that long to be processed.
+    With ``drained_at=None`` (the queue was never seen empty) nothing is re-sent, so a long backlog is never
+    mistaken for lost messages.
+    """
     sent = resent = given_up = 0
     while True:
         with engine.begin() as conn:
@@ -74,14 +81,14 @@ def relay_once(engine: Engine, send: Sender, *, batch: int = 500, redeliver_afte
             sent += len(rows)
         if len(rows) < batch:
             break
-    # A message can only be lost if it is no longer queued: with a non-empty queue, wait (unless very old).
-    depth = queue_depth() if queue_depth else None
-    age = redeliver_after_s if depth in (None, 0) else redeliver_after_s * 10
+    if drained_at is None:
+        return RelayStats(sent, 0, 0)
     with engine.begin() as conn:
         stale = conn.execute(
             text("SELECT id, event, send_attempts, sku, event_id FROM outbox WHERE processed_at IS NULL "
-                 "AND sent_at < now() - make_interval(secs => :age) ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"),
-            {"age": age, "n": batch},
+                 "AND sent_at < CAST(:drained AS timestamptz) - make_interval(secs => :age) "
+                 "ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"),
+            {"drained": drained_at, "age": redeliver_after_s, "n": batch},
         ).all()
         retry = [r for r in stale if r[2] < max_attempts]
         give_up = [r for r in stale if r[2] >= max_attempts]
@@ -99,6 +106,17 @@ def relay_once(engine: Engine, send: Sender, *, batch: int = 500, redeliver_afte
     if resent or given_up:
         log.warning("relay re-sent %d lost event(s), gave up on %d", resent, given_up)
     return RelayStats(sent, resent, given_up)
+
+
+def observe_drain(engine: Engine, queue_depth: Callable[[], int | None] | None,
+                  previous: datetime | None) -> datetime | None:
+    """The latest moment the broker queue was seen empty (database clock), or ``previous`` if it is not empty now.
+    A broker whose depth cannot be read counts as drained: then re-sending relies on time alone."""
+    depth = queue_depth() if queue_depth else None
+    if depth:
+        return previous
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT now()")).scalar()
 
 
 def reconcile(engine: Engine, model_id: str, taxonomy_versions: Sequence[str], *, limit: int = 1000) -> int:
@@ -169,6 +187,7 @@ def run_relay(engine: Engine, send: Sender, *, poll_s: float = 2.0, redeliver_af
               stop: Callable[[], bool] = lambda: False) -> None:
     """The relay loop: wakes on NOTIFY tagger_outbox or every ``poll_s``; survives broker and database outages."""
     listener = None
+    drained_at: datetime | None = None
     next_reconcile = time.monotonic() + reconcile_every_s
     while not stop():
         try:
@@ -179,8 +198,9 @@ def run_relay(engine: Engine, send: Sender, *, poll_s: float = 2.0, redeliver_af
                 listener = engine.raw_connection()
                 listener.driver_connection.autocommit = True  # type: ignore[union-attr]
                 listener.driver_connection.execute("LISTEN tagger_outbox")  # type: ignore[union-attr]
+            drained_at = observe_drain(engine, queue_depth, drained_at)
             relay_once(engine, send, redeliver_after_s=redeliver_after_s, max_attempts=max_attempts,
-                       queue_depth=queue_depth)
+                       drained_at=drained_at)
             _wait_for_notify(listener, poll_s)
         except Exception as exc:  # noqa: BLE001 - the broker or the database is down: wait and try again
             log.warning("relay pass failed, retrying: %s", exc)

@@ -52,6 +52,7 @@ PG_DATABASE = "postgres"
 LOCK_FILE = ".services.lock"
 LOCK_TIMEOUT_S = 120.0  # a cold Postgres init takes ~1 s; anything near this means a hung peer
 REDIS_PORT_FILE = "redis.port"
+REDIS_LAST_PORT_FILE = "redis.lastport"  # kept across stops: a restart reuses the port
 REDIS_PID_FILE = "redis.pid"
 REDIS_LOG_FILE = "redis.log"
 REDIS_SOCKET = "redis.sock"
@@ -509,6 +510,8 @@ def _ensure_redis(settings: Settings) -> int:
         logger.debug("re-attached to embedded Redis pid %s on port %s", attached[1], attached[0])
         return attached[0]
 
+    # Restart on the port used last time, so workers and relays holding the old broker URL reconnect by themselves.
+    previous_port = _read_int(redis_dir / REDIS_LAST_PORT_FILE)
     old_pid = _read_int(redis_dir / REDIS_PID_FILE)
     if old_pid is not None and _pid_alive(old_pid, "redis-server"):
         # Alive but not answering on its recorded port: a wedged server; replace it.
@@ -521,12 +524,13 @@ def _ensure_redis(settings: Settings) -> int:
     binary = _redis_server_path()
     log_file = redis_dir / REDIS_LOG_FILE
     last_error = ""
-    for _attempt in range(3):  # the free port may be taken between choosing and binding it
-        port = _free_port()
+    for attempt in range(3):  # the free port may be taken between choosing and binding it
+        port = previous_port if attempt == 0 and previous_port else _free_port()
         log_start = log_file.stat().st_size if log_file.exists() else 0
         pid = _start_redis_once(binary, redis_dir, port, log_file)
         if pid is not None:
             (redis_dir / REDIS_PORT_FILE).write_text(f"{port}\n")
+            (redis_dir / REDIS_LAST_PORT_FILE).write_text(f"{port}\n")
             logger.info("started embedded Redis pid %s on port %s in %s", pid, port, redis_dir)
             return port
         last_error = _tail(log_file, start=log_start)

@@ -128,3 +128,58 @@ def test_json_logs_carry_sku_and_event_id() -> None:
     assert "sku=SKU-1 event_id=evt-1" in TextFormatter("%(message)s").format(record)
     with pytest.raises(ConfigurationError, match="TAGGER_LOG_FORMAT"):
         Settings.from_env({"TAGGER_LOG_FORMAT": "xml"})
+
+
+def test_fuzzed_event_payloads_are_processed_or_recorded_never_crash(pipeline: Pipeline) -> None:
+    """Random payloads (random keys, random types in every contract field, hostile strings): handle() never raises,
+    and every payload either stores its product or leaves a failures row."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=40),
+                        st.sampled_from(["", "\x00", "../../etc/passwd", "http://127.0.0.1/x.jpg", IMAGE,
+                                         "x'; DROP TABLE products;--", "\ud800"]))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                               max_size=3), max_leaves=6)
+    field_values = {
+        "type": st.one_of(st.sampled_from(["product.created", "product.updated", "product.deleted", "product.x"]), values),
+        "sku": st.one_of(st.text(min_size=1, max_size=20), values),
+        "title": st.one_of(st.text(max_size=50), values),
+        "image": st.one_of(st.sampled_from([IMAGE, OTHER_IMAGE, "/etc/passwd", "missing.jpg"]), values),
+        "attributes": st.one_of(st.dictionaries(st.text(max_size=10), scalars, max_size=4), values),
+        "occurred_at": st.one_of(st.sampled_from(["2026-01-01T00:00:00Z", "yesterday"]), values),
+    }
+    valid_sku = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zs")), min_size=1, max_size=20)
+
+    def near_valid(sku: str, kind: str, image: str, title: str, broken: tuple[str, object] | None) -> dict:
+        event = {"type": kind, "sku": sku, "title": title, "image": image}
+        if broken is not None:
+            event[broken[0]] = broken[1]
+        return event
+
+    near_valid_events = st.builds(
+        near_valid, valid_sku, st.sampled_from(["product.created", "product.updated"]),
+        st.sampled_from([IMAGE, OTHER_IMAGE]), st.text(max_size=30),
+        st.none() | st.tuples(st.sampled_from(sorted(field_values)), values),
+    )
+    payloads = st.one_of(
+        near_valid_events,
+        st.fixed_dictionaries({}, optional=field_values),
+        st.dictionaries(st.text(max_size=10), values, max_size=5),
+        values,
+    )
+    outcomes: dict[str, int] = {}
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(payloads)
+    def check(payload: object) -> None:
+        before = scalar(pipeline, "SELECT coalesce(sum(attempts), 0) FROM failures")
+        outcome = pipeline.handle(payload)
+        outcomes[outcome.status] = outcomes.get(outcome.status, 0) + 1
+        if outcome.status == FAILED:
+            assert scalar(pipeline, "SELECT coalesce(sum(attempts), 0) FROM failures") == before + 1
+        elif outcome.status in (PROCESSED, UNCHANGED):
+            assert scalar(pipeline, "SELECT count(*) FROM products WHERE sku = :s", s=outcome.sku) == 1
+
+    check()
+    assert outcomes.get(FAILED, 0) > 0 and outcomes.get(PROCESSED, 0) + outcomes.get(UNCHANGED, 0) > 0, outcomes

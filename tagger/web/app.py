@@ -198,11 +198,10 @@ def _problem(exc: _Refused) -> JSONResponse:
 class _Relay:
     """Best-effort relay after a commit; passes requested while one runs are coalesced into one more pass."""
 
-    def __init__(self, engine: Engine, sender: Callable[[], outbox.Sender], broker_url: str):
+    def __init__(self, engine: Engine, sender: Callable[[], outbox.Sender]):
         self._engine = engine
         self._make_sender = sender
         self._sender: outbox.Sender | None = None
-        self._depth = outbox.redis_queue_depth(broker_url, QUEUE)
         self._lock = threading.Lock()
         self._running = False
         self._pending = False
@@ -220,7 +219,7 @@ class _Relay:
                 try:
                     if self._sender is None:
                         self._sender = self._make_sender()
-                    outbox.relay_once(self._engine, self._sender, queue_depth=self._depth)
+                    outbox.relay_once(self._engine, self._sender)  # sends only; `tagger relay` re-sends lost ones
                 except Exception as exc:  # noqa: BLE001 - recorded in the outbox: `tagger relay` delivers them
                     log.warning("events recorded; immediate relay failed, the relay process will send them: %s", exc)
                     return
@@ -280,7 +279,7 @@ def create_app(settings: Settings, *, sender: Callable[[], outbox.Sender] | None
     secret = settings.webhook_secret or None
     tolerance = settings.webhook_tolerance_s
     read_limit = max_body_bytes * _READ_FACTOR
-    relayer = _Relay(get_engine(database_url), sender or outbox.celery_sender, broker_url) if relay else None
+    relayer = _Relay(get_engine(database_url), sender or outbox.celery_sender) if relay else None
 
     app = FastAPI(
         title="tagger",

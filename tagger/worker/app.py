@@ -49,6 +49,8 @@ def _configure(sender: Celery, **_: object) -> None:
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=settings.task_time_limit_s,
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
+        # A recycled child loads the model before it reports "up"; Celery's 4 s default would kill it in a loop.
+        worker_proc_alive_timeout=120,
     )
 
 
