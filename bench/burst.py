@@ -55,10 +55,8 @@ def main() -> int:
         harness = Harness(servers, db_url, chaos_env(servers, db_url, tmp / "images", model, broker_db=1),
                           tmp / "logs")
         harness.start_relay("--poll", "0.5")
-        # Work-around: a pool child replaced after worker_max_tasks_per_child (1000) tasks must send Celery its UP
-        # message within 4 s, which its model warm-up exceeds on a busy machine; it is killed and replaced forever
-        # (see the xfail test_pool_child_replacement_survives_a_slow_warm_up). Never replace children here.
-        harness.start_worker(concurrency=args.concurrency, TAGGER_WORKER_MAX_TASKS_PER_CHILD="1000000")
+        # Production defaults: each pool child is recycled after 1,000 tasks, so 10,000 events exercise recycling too.
+        harness.start_worker(concurrency=args.concurrency)
         events = burst_events("BB", images, args.products, args.versions)
         ids = [e["id"] for e in events]
         print(f"publishing {len(events)} events for {len(newest_per_sku(events))} products ...", flush=True)

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from tagger import retag, services  # noqa: E402
 from tagger.db import migrate  # noqa: E402
 from tagger.db import repository as repo  # noqa: E402
-from tagger.db.engine import get_engine, make_engine  # noqa: E402
+from tagger.db.engine import create_database, get_engine, make_engine  # noqa: E402
 from tagger.encoders.base import get_encoder  # noqa: E402
 from tagger.settings import Settings  # noqa: E402
 from tagger.taxonomy import load_taxonomies  # noqa: E402
@@ -45,15 +44,6 @@ from tagger.taxonomy import load_taxonomies  # noqa: E402
 DIM = 512
 QUIET_LUXURY = ("      quiet_luxury: {name: Quiet luxury, prompts: [quiet luxury clothing, understated expensive "
                 "minimalist outfit], translations: {fr: Luxe discret, de: Stiller Luxus}}\n")
-
-
-def fresh_database(server_url: str, name: str) -> str:
-    admin = make_engine(server_url, register_vectors=False)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
 def load_products(url: str, n: int, model_id: str, seed: int = 0) -> float:
@@ -101,7 +91,7 @@ def main() -> int:
     base = services.resolve(Settings.from_env())
     assert base.database_url
     name = f"tagger_bench_retag_{os.getpid()}"
-    url = fresh_database(base.database_url, name)
+    url = create_database(base.database_url, name)
     migrate.upgrade(url, DIM)
     encoder = get_encoder(args.model, "cpu")
     encoder.load()

@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from tagger import services
 from tagger.db import migrate
-from tagger.db.engine import dispose_engines, get_engine, make_engine
+from tagger.db.engine import create_database, dispose_engines, get_engine
 from tagger.settings import REPO_ROOT, Settings, set_settings
 
 SAMPLES = REPO_ROOT / "samples"
@@ -56,16 +55,6 @@ def server_settings() -> Iterator[Settings]:
         dispose_engines()
         services.stop_embedded(base)
         shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def create_database(server_url: str, name: str) -> str:
-    """A new empty database on the test server; returns its URL."""
-    admin = make_engine(server_url, register_vectors=False)
-    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture
@@ -208,6 +197,16 @@ def celery_publisher(server_settings: Settings) -> Callable[..., None]:
         app.send_task(TASK_NAME, args=[payload], queue=QUEUE)
 
     return send
+
+
+def query_rows(url: str, sql: str, **params: Any) -> list[Any]:
+    with get_engine(url).connect() as conn:
+        return list(conn.execute(text(sql), params).all())
+
+
+def query_value(url: str, sql: str, **params: Any) -> Any:
+    rows = query_rows(url, sql, **params)
+    return rows[0][0] if rows else None
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float = 60, what: str = "condition",

@@ -21,7 +21,7 @@ from tagger.db.engine import get_engine
 from tagger.events import EVENT_TYPES, new_event
 from tagger.settings import Settings
 from tagger.web.app import create_app, signature
-from tests.conftest import SAMPLES, wait_until
+from tests.conftest import SAMPLES, query_rows, query_value, wait_until
 
 SECRET = "s3cret-shared-with-the-pim"
 GOLDEN = Path(__file__).parent / "golden" / "openapi.json"
@@ -32,14 +32,8 @@ METRIC_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="
 # ---- helpers -------------------------------------------------------------------------------------------
 
 
-def q(url: str, sql: str, **params: Any) -> list[Any]:
-    with get_engine(url).connect() as conn:
-        return list(conn.execute(text(sql), params).all())
-
-
-def one(url: str, sql: str, **params: Any) -> Any:
-    rows = q(url, sql, **params)
-    return rows[0][0] if rows else None
+q = query_rows
+one = query_value
 
 
 def event(sku: str = "WEB-1", **fields: Any) -> dict[str, Any]:

@@ -17,19 +17,13 @@ from tagger.db.engine import get_engine
 from tagger.events import new_event, publish, read_catalog
 from tagger.taxonomy import load_taxonomies
 from tagger.settings import REPO_ROOT
-from tests.conftest import BAD, CATALOG, DIM, wait_until
+from tests.conftest import BAD, CATALOG, DIM, query_rows, query_value, wait_until
 
 pytestmark = pytest.mark.slow
 
 
-def q(url: str, sql: str, **params: Any) -> list[Any]:
-    with get_engine(url).connect() as conn:
-        return list(conn.execute(text(sql), params).all())
-
-
-def one(url: str, sql: str, **params: Any) -> Any:
-    rows = q(url, sql, **params)
-    return rows[0][0] if rows else None
+q = query_rows
+one = query_value
 
 
 def catalog_events(n: int | None = None) -> list[dict[str, Any]]:

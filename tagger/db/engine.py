@@ -49,3 +49,17 @@ def dispose_engines() -> None:
         for engine in _engines.values():
             engine.dispose(close=False)
         _engines.clear()
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create (or re-create, empty) database ``name`` on the server of ``server_url``; returns its URL.
+    Used by tests and benchmarks to work in a database of their own."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    admin = make_engine(server_url, register_vectors=False)
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(normalise_url(server_url)).set(database=name).render_as_string(hide_password=False)
