@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-from sqlalchemy import text
 
 from tagger import outbox
 from tagger.db.engine import get_engine
