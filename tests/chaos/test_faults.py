@@ -62,11 +62,10 @@ def test_kill_9_of_a_worker_child_mid_batch(harness: Harness, chaos_images: list
     pending = _inject_mid_run(h, events)
     children = pool_children(worker)
     assert children, "the worker has no pool children"
+    assert pending > 0, "the batch finished before the fault: nothing was tested"
     fault_at = time.monotonic()
     os.kill(children[0].pid, signal.SIGKILL)
     _finish(h, "kill9_worker_child", events, fault_at, pending_at_fault=pending)
-    log = worker.log_path.read_text(errors="replace")
-    assert re.search(r"signal 9|SIGKILL|WorkerLostError", log), "the kill did not reach the pool"
 
 
 @pytest.mark.slow
