@@ -3,6 +3,7 @@ TAGGER_TEST_BROKER_URL name servers), migrated databases, and real Celery worker
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -117,20 +118,37 @@ def tiny_clip_dir() -> Iterator[Path]:
 # ---- real Celery workers ----------------------------------------------------------------------------
 
 
-class WorkerProcess:
-    """A `tagger worker` subprocess with its own environment; logs go to a file shown on failure."""
+class TaggerProcess:
+    """A `tagger <command>` subprocess in its own process group; its output goes to a log file shown on failure."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 1, queues: str | None = None):
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
         self.log_path = log_path
-        argv = [sys.executable, "-m", "tagger", "worker", "--concurrency", str(concurrency), "--loglevel", "INFO"]
-        if queues:
-            argv += ["--queues", queues]
         self._log = log_path.open("ab")
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True, cwd=str(REPO_ROOT))
+        self.process = subprocess.Popen([sys.executable, "-m", "tagger", *args], stdout=self._log,
+                                        stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(REPO_ROOT))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self, timeout_s: float = 20) -> None:
+        """SIGTERM (warm shutdown), then SIGKILL of the whole group if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._log.close()
+
+
+class WorkerProcess(TaggerProcess):
+    """A `tagger worker` subprocess with its own environment."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 1, queues: str | None = None):
+        args = ["worker", "--concurrency", str(concurrency), "--loglevel", "INFO"]
+        super().__init__(args + (["--queues", queues] if queues else []), env, log_path)
 
     def wait_ready(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
@@ -141,16 +159,6 @@ class WorkerProcess:
                 return
             time.sleep(0.2)
         raise RuntimeError(f"worker not ready after {timeout_s}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self._log.close()
 
 
 def worker_env(settings: Settings, database_url: str, image_dir: Path, **extra: str) -> dict[str, str]:

@@ -26,7 +26,7 @@ from sqlalchemy import Engine, text
 from tagger import services
 from tagger.db.engine import make_engine
 from tagger.settings import REPO_ROOT, Settings
-from tests.conftest import SAMPLES, WorkerProcess, worker_env
+from tests.conftest import SAMPLES, TaggerProcess, WorkerProcess, worker_env
 
 RESULTS = REPO_ROOT / "out" / "chaos" / "results.jsonl"
 SAMPLE_IMAGES = SAMPLES / "catalog" / "images"
@@ -119,28 +119,11 @@ def chaos_env(servers: ChaosServers, db_url: str, image_root: Path, model_dir: P
 # ---- processes -------------------------------------------------------------------------------------------------
 
 
-class RelayProcess:
+class RelayProcess(TaggerProcess):
     """A ``tagger relay`` subprocess."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *args: str):
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "tagger", "relay", *args], stdout=self._log,
-                                        stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(REPO_ROOT))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self._log.close()
+        super().__init__(["relay", *args], env, log_path)
 
 
 def kill_group(pid: int) -> None:
