@@ -136,6 +136,12 @@ def sku_hint(payload: Any) -> str | None:
     return None
 
 
+def event_id_hint(payload: Any) -> str | None:
+    """The event id of a payload even when it is invalid (None unless a non-empty string, bounded)."""
+    event_id = payload.get("id") if isinstance(payload, Mapping) else None
+    return event_id[:128] if isinstance(event_id, str) and event_id else None
+
+
 def new_event(type: str, sku: str, **fields: Any) -> dict[str, Any]:
     """An event dict with ``id`` and ``occurred_at`` filled in, ready to publish."""
     event: dict[str, Any] = {"type": type, "sku": sku, **fields}

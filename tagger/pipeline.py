@@ -23,7 +23,7 @@ from tagger.db.engine import get_engine
 from tagger.duplicates import select_duplicates
 from tagger.encoders.base import Encoder, get_encoder
 from tagger.errors import DatabaseUnavailable, PermanentError
-from tagger.events import ProductEvent, parse_event, sku_hint
+from tagger.events import ProductEvent, event_id_hint, parse_event, sku_hint
 from tagger.images import ImageLimits, decode_image, image_digest, read_image_bytes
 from tagger.settings import Settings
 from tagger.taxonomy.loader import load_taxonomies
@@ -133,17 +133,17 @@ class Pipeline:
     def record_failure(self, payload: Any, exc: BaseException, event: ProductEvent | None = None) -> None:
         stage = getattr(exc, "stage", "internal")
         sku = event.sku if event else sku_hint(payload)
-        event_id = event.id if event else (payload.get("id") if isinstance(payload, dict) else None)
+        event_id = event.id if event else event_id_hint(payload)
         log.warning("event failed at stage %s: %s: %s", stage, type(exc).__name__, exc,
                     extra={"sku": sku, "event_id": event_id, "stage": stage, "error_class": type(exc).__name__})
         with self.engine.begin() as conn:
             repo.record_failure(conn, payload=payload, sku=sku, stage=stage, error_class=type(exc).__name__,
-                                message=str(exc), event_id=event_id if isinstance(event_id, str) else None)
+                                message=str(exc), event_id=event_id)
 
     def count_delivery(self, payload: Any) -> int | None:
         """Count one more start of this event's processing; None for events that did not come through the outbox."""
-        event_id = payload.get("id") if isinstance(payload, dict) else None
-        if not isinstance(event_id, str) or not event_id:
+        event_id = event_id_hint(payload)
+        if event_id is None:
             return None
         with self.engine.begin() as conn:
             return conn.execute(text("UPDATE outbox SET deliveries = deliveries + 1 WHERE event_id = :id "
@@ -151,8 +151,8 @@ class Pipeline:
 
     def mark_delivered(self, payload: Any, outcome: str) -> None:
         """Close the event's outbox row, so the relay does not send it again."""
-        event_id = payload.get("id") if isinstance(payload, dict) else None
-        if isinstance(event_id, str) and event_id:
+        event_id = event_id_hint(payload)
+        if event_id is not None:
             from tagger.outbox import mark_processed
 
             with self.engine.begin() as conn:

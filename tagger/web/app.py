@@ -36,7 +36,7 @@ from tagger import __version__, outbox
 from tagger.db import repository as repo
 from tagger.db.engine import get_engine
 from tagger.errors import InvalidEvent
-from tagger.events import EVENT_TYPES, QUEUE, ProductEvent, parse_event, sku_hint, with_identity
+from tagger.events import EVENT_TYPES, QUEUE, ProductEvent, event_id_hint, parse_event, sku_hint, with_identity
 from tagger.settings import Settings, env_name
 
 log = logging.getLogger("tagger.web")
@@ -353,8 +353,8 @@ def create_app(settings: Settings, *, sender: Callable[[], outbox.Sender] | None
                 log.exception("unexpected error validating webhook event %d", index)
                 message = f"event could not be validated: {type(exc).__name__}: {_printable(str(exc))[:300]}"
             sku = sku_hint(payload)
-            event_id = payload.get("id") if isinstance(payload, dict) else None
-            event_id = _printable(event_id)[:128] if isinstance(event_id, str) else None
+            event_id = event_id_hint(payload)
+            event_id = _printable(event_id) if event_id else None
             problems.append({"index": index, "sku": _printable(sku) if sku else None, "id": event_id, "error": message})
             failures.append({"payload": _safe_copy(payload), "sku": _printable(sku) if sku else None,
                              "error_class": "InvalidEvent", "message": f"webhook: {message}", "event_id": event_id})

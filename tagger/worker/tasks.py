@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task
 
 from tagger.errors import PoisonEvent, TransientError
-from tagger.events import TASK_NAME
+from tagger.events import TASK_NAME, event_id_hint
 from tagger.pipeline import Outcome, Pipeline
 from tagger.worker.app import app
 
@@ -53,7 +53,7 @@ def process_event(self: Task, payload: Any) -> dict[str, str | None]:
             p.mark_delivered(payload, "failed")
             return {"sku": None, "status": "failed", "detail": str(exc)}
         log.warning("transient failure, retrying: %s", exc,
-                    extra={"event_id": payload.get("id") if isinstance(payload, dict) else None})
+                    extra={"event_id": event_id_hint(payload)})
         raise self.retry(exc=exc, countdown=backoff_seconds(self.request.retries, p.settings.retry_backoff_max_s),
                          max_retries=p.settings.max_retries) from exc
     except Exception as exc:  # noqa: BLE001 - a bug must not take the worker down nor loop forever
@@ -66,7 +66,7 @@ def process_event(self: Task, payload: Any) -> dict[str, str | None]:
                              max_retries=p.settings.max_retries) from exc
         return {"sku": None, "status": "failed", "detail": str(exc)}
     log.info("event %s: %s", outcome.status, outcome.detail,
-             extra={"sku": outcome.sku, "event_id": payload.get("id") if isinstance(payload, dict) else None,
+             extra={"sku": outcome.sku, "event_id": event_id_hint(payload),
                     "outcome": outcome.status})
     p.mark_delivered(payload, outcome.status)
     return {"sku": outcome.sku, "status": outcome.status, "detail": outcome.detail}
