@@ -42,6 +42,16 @@ class Encoder(ABC):
         chunks = [self._encode_images(list(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
         return _normalised(chunks, self.dim)
 
+    def encode_images_with_features(self, images: Sequence[Image.Image],
+                                    batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Embed RGB images and return, from the same forward pass, the image features exemplar
+        (few-shot) scoring uses: ``(embeddings (n, dim) unit vectors, features (n, feature_dim) float32)``."""
+        self.load()
+        pairs = [self._encode_image_features(list(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        features = (np.concatenate([f for _, f in pairs]).astype(np.float32, copy=False) if pairs
+                    else np.zeros((0, self.dim), dtype=np.float32))
+        return _normalised([e for e, _ in pairs], self.dim), features
+
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Embed texts; returns an (n, dim) float32 array of unit vectors."""
         self.load()
@@ -56,6 +66,11 @@ class Encoder(ABC):
 
     @abstractmethod
     def _encode_texts(self, texts: list[str]) -> np.ndarray: ...
+
+    def _encode_image_features(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """(raw embeddings, exemplar features); models without a separate backbone use the embedding for both."""
+        embeddings = self._encode_images(images)
+        return embeddings, embeddings
 
 
 def _normalised(chunks: list[np.ndarray], dim: int) -> np.ndarray:

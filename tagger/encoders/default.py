@@ -65,13 +65,18 @@ class DefaultEncoder(Encoder):
         return np.concatenate(chunks) if chunks else np.zeros((0, self._backbone.dim), dtype=np.float32)
 
     def _encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        return self._encode_image_features(images)[0]
+
+    def _encode_image_features(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        # Exemplar features are the frozen pooled CNN features: they separate a shop's own labels
+        # better than the 512-d projection (see MODEL_CARD.md).
         assert self._backbone is not None and self._heads is not None
         images = _rgb(images)
         feats = self._backbone.forward_array(to_lite_array(images, self._backbone.size))
         x = np.concatenate([feats, colour_histograms(images)], axis=1)
         with self._torch.inference_mode():
             z = self._heads.image(self._torch.from_numpy(x).to(self.device))
-        return z.float().cpu().numpy()
+        return z.float().cpu().numpy(), feats.astype(np.float32, copy=False)
 
     def _encode_texts(self, texts: list[str]) -> np.ndarray:
         assert self._text is not None and self._heads is not None
