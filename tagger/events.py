@@ -24,8 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tagger.errors import InvalidEvent
 
-TASK_NAME = "tagger.process_event"
-QUEUE = "tagger.events"
+TASK_NAME = "tagger.process_event"  # one event per message: what other languages send, and per-event retries
+BATCH_TASK_NAME = "tagger.process_events"  # several events per message: what the relay sends
+QUEUE = "tagger.events"  # live changes from the PIM (webhook, trigger, publish)
+BULK_QUEUE = "tagger.bulk"  # catalog loads and repairs (ingest, reconcile), kept apart so they never delay live changes
+BULK_SOURCES = frozenset({"ingest", "reconcile"})
+
+
+def queue_for(source: str) -> str:
+    """The broker queue of an outbox event by where it came from."""
+    return BULK_QUEUE if source in BULK_SOURCES else QUEUE
 EVENT_TYPES = ("product.created", "product.updated", "product.deleted")
 MAX_ATTRIBUTES_BYTES = 64 * 1024
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -179,7 +187,7 @@ def publish(events: ProductEvent | Mapping[str, Any] | Iterable[Mapping[str, Any
     if not validate:
         from tagger.outbox import celery_sender
 
-        celery_sender()([dict(e) for e in batch])
+        celery_sender(batch_size=1)([dict(e) for e in batch], queue_for(source))
         return len(batch)
     parsed = [with_identity(parse_event(e)) for e in batch]
     from tagger import outbox, services

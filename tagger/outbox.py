@@ -27,7 +27,8 @@ from tagger.events import ProductEvent
 
 log = logging.getLogger("tagger.outbox")
 
-Sender = Callable[[Sequence[dict[str, Any]]], None]
+# Sends events to a broker queue: ``send(events, queue)``.
+Sender = Callable[[Sequence[dict[str, Any]], str], None]
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,13 @@ def relay_once(engine: Engine, send: Sender, *, batch: int = 500, redeliver_afte
     while True:
         with engine.begin() as conn:
             rows = conn.execute(
-                text("SELECT id, event FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"),
+                text("SELECT id, event, source FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT :n "
+                     "FOR UPDATE SKIP LOCKED"),
                 {"n": batch},
             ).all()
             if not rows:
                 break
-            send([r[1] for r in rows])
+            _send_by_queue(send, [(r[1], r[2]) for r in rows])
             conn.execute(text("UPDATE outbox SET sent_at = now(), send_attempts = send_attempts + 1 "
                               "WHERE id = ANY(:ids)"), {"ids": [r[0] for r in rows]})
             sent += len(rows)
@@ -85,7 +87,7 @@ def relay_once(engine: Engine, send: Sender, *, batch: int = 500, redeliver_afte
         return RelayStats(sent, 0, 0)
     with engine.begin() as conn:
         stale = conn.execute(
-            text("SELECT id, event, send_attempts, sku, event_id FROM outbox WHERE processed_at IS NULL "
+            text("SELECT id, event, send_attempts, sku, event_id, source FROM outbox WHERE processed_at IS NULL "
                  "AND sent_at < CAST(:drained AS timestamptz) - make_interval(secs => :age) "
                  "ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"),
             {"drained": drained_at, "age": redeliver_after_s, "n": batch},
@@ -93,7 +95,7 @@ def relay_once(engine: Engine, send: Sender, *, batch: int = 500, redeliver_afte
         retry = [r for r in stale if r[2] < max_attempts]
         give_up = [r for r in stale if r[2] >= max_attempts]
         if retry:
-            send([r[1] for r in retry])
+            _send_by_queue(send, [(r[1], r[5]) for r in retry])
             conn.execute(text("UPDATE outbox SET sent_at = now(), send_attempts = send_attempts + 1 "
                               "WHERE id = ANY(:ids)"), {"ids": [r[0] for r in retry]})
             resent = len(retry)
@@ -151,21 +153,43 @@ def reconcile(engine: Engine, model_id: str, taxonomy_versions: Sequence[str], *
     return len(events)
 
 
-def celery_sender() -> Sender:
-    """Sends events as ``tagger.process_event`` tasks over one broker connection per batch."""
-    from tagger.events import QUEUE, TASK_NAME
+def _send_by_queue(send: Sender, events: Sequence[tuple[dict[str, Any], str]]) -> None:
+    from tagger.events import queue_for
+
+    by_queue: dict[str, list[dict[str, Any]]] = {}
+    for event, source in events:
+        by_queue.setdefault(queue_for(source), []).append(event)
+    for queue, queued in by_queue.items():
+        send(queued, queue)
+
+
+def celery_sender(batch_size: int | None = None) -> Sender:
+    """Sends events as Celery tasks over one broker connection per call: groups of up to ``batch_size``
+    events (default: the ``batch_size`` setting) as one ``tagger.process_events`` task, which the worker
+    embeds in one forward pass; a lone event as ``tagger.process_event``."""
+    from tagger.events import BATCH_TASK_NAME, TASK_NAME
     from tagger.worker.app import app
 
-    def send(events: Sequence[dict[str, Any]]) -> None:
+    if batch_size is None:
+        from tagger.settings import get_settings
+
+        batch_size = get_settings().batch_size
+    size = max(1, batch_size)
+
+    def send(events: Sequence[dict[str, Any]], queue: str) -> None:
         with app.producer_or_acquire() as producer:
-            for event in events:
-                app.send_task(TASK_NAME, args=[event], queue=QUEUE, producer=producer)
+            for start in range(0, len(events), size):
+                chunk = list(events[start : start + size])
+                if len(chunk) == 1:
+                    app.send_task(TASK_NAME, args=[chunk[0]], queue=queue, producer=producer)
+                else:
+                    app.send_task(BATCH_TASK_NAME, args=[chunk], queue=queue, producer=producer)
 
     return send
 
 
-def redis_queue_depth(broker_url: str, queue: str) -> Callable[[], int | None]:
-    """LLEN of the queue on a Redis broker (None for other brokers or when Redis does not answer)."""
+def redis_queue_depth(broker_url: str, *queues: str) -> Callable[[], int | None]:
+    """Messages waiting in the queues on a Redis broker, summed (None for other brokers or when Redis does not answer)."""
 
     def depth() -> int | None:
         if not broker_url.startswith(("redis://", "rediss://")):
@@ -174,7 +198,7 @@ def redis_queue_depth(broker_url: str, queue: str) -> Callable[[], int | None]:
 
         try:
             client = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
-            return int(client.llen(queue))
+            return sum(int(client.llen(queue)) for queue in queues)
         except redis.RedisError:
             return None
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, text
+from PIL import Image
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tagger import scoring
@@ -22,7 +25,7 @@ from tagger.db import repository as repo
 from tagger.db.engine import get_engine
 from tagger.duplicates import select_duplicates
 from tagger.encoders.base import Encoder, get_encoder
-from tagger.errors import DatabaseUnavailable, PermanentError
+from tagger.errors import DatabaseUnavailable, PermanentError, TaggerError, TransientError
 from tagger.events import ProductEvent, event_id_hint, parse_event, sku_hint
 from tagger.images import ImageLimits, decode_image, image_digest, read_image_bytes
 from tagger.settings import Settings
@@ -114,21 +117,153 @@ class Pipeline:
     def handle(self, payload: Any) -> Outcome:
         """Process one event payload. Permanent problems are recorded as failures and returned;
         transient ones (``TransientError``) propagate so that the caller can retry."""
-        event: ProductEvent | None = None
+        result = self.handle_batch([payload])[0]
+        if isinstance(result, TransientError):
+            raise result
+        return result
+
+    def handle_batch(self, payloads: Sequence[Any]) -> list[Outcome | TransientError]:
+        """Process events together: one forward pass for the changed images, one for the texts, one scoring
+        call and one transaction for the writes.
+
+        Each event keeps its own fate: permanent problems are recorded as its failure and returned as a
+        ``FAILED`` outcome; transient ones (image host down, deadlock) are returned as the exception so the
+        caller retries that event alone. Only a database outage raises (``DatabaseUnavailable``): the batch is
+        retried as a whole, which is harmless because every write is idempotent.
+        """
+        results: list[Outcome | TransientError | None] = [None] * len(payloads)
+        events: list[tuple[int, ProductEvent]] = []
+        for index, payload in enumerate(payloads):
+            try:
+                events.append((index, parse_event(payload)))
+            except PermanentError as exc:
+                self.record_failure(payload, exc)
+                results[index] = Outcome(sku_hint(payload), FAILED, str(exc))
         try:
-            event = parse_event(payload)
-            if event.type == "product.deleted":
-                return self._delete(event)
-            return self._upsert(event)
-        except PermanentError as exc:
-            self.record_failure(payload, exc, event)
-            return Outcome(event.sku if event else sku_hint(payload), FAILED, str(exc))
+            # A SKU appears at most once per round, so its events apply in arrival order as if one by one.
+            for round_ in _rounds(events):
+                self._handle_round(round_, payloads, results)
         except OperationalError as exc:
             raise DatabaseUnavailable(f"database unavailable: {exc.orig or exc}") from exc
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise DatabaseUnavailable(f"database connection lost: {exc.orig or exc}") from exc
             raise
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _handle_round(self, round_: list[tuple[int, ProductEvent]], payloads: Sequence[Any],
+                      results: list[Outcome | TransientError | None]) -> None:
+        def fail(index: int, event: ProductEvent, exc: PermanentError) -> None:
+            self.record_failure(payloads[index], exc, event)
+            results[index] = Outcome(event.sku, FAILED, str(exc))
+
+        upserts: list[_Upsert] = []
+        for index, event in round_:
+            if event.type == "product.deleted":
+                results[index] = self._delete(event)
+            else:
+                upserts.append(_Upsert(index, event))
+        if not upserts:
+            return
+        model_id = self.encoder.model_id
+        with self.engine.connect() as conn:
+            for item in upserts:
+                stored_product = repo.get_product(conn, item.event.sku)
+                if self._is_stale(stored_product, item.event):
+                    results[item.index] = Outcome(item.event.sku, STALE, "a newer event for this SKU was already applied")
+                else:
+                    item.stored = repo.get_embedding(conn, item.event.sku, model_id)
+        live = [item for item in upserts if results[item.index] is None]
+        for item, fetched in zip(live, self._fetch_images([item.event for item in live]), strict=True):
+            if isinstance(fetched, TransientError):
+                results[item.index] = fetched
+            elif isinstance(fetched, PermanentError):
+                fail(item.index, item.event, fetched)
+            else:
+                item.prepare(fetched, self.limits)
+                if item.error is not None:
+                    fail(item.index, item.event, item.error)
+        ready = [item for item in live if results[item.index] is None]
+        if not ready:
+            return
+        self._encode(ready)
+        taxonomies = self.taxonomies()
+        texts = [item.text_vector for item in ready]
+        decisions = scoring.tag_products(
+            taxonomies, self.prototypes(), np.stack([item.image_vector for item in ready]), self.encoder.logit_scale,
+            text_vectors=None if any(t is None for t in texts) else np.stack(texts),
+            text_weight=self.settings.text_weight,
+            default_threshold=self.settings.review_threshold, default_top_k=self.settings.top_k,
+        )
+        # SKU order: two workers writing overlapping batches take the per-SKU locks in the same order.
+        refused: list[tuple[_Upsert, DatabaseRefused]] = []
+        with self.engine.begin() as conn:
+            for item, item_decisions in sorted(zip(ready, decisions, strict=True), key=lambda pair: pair[0].event.sku):
+                try:
+                    with conn.begin_nested():  # a savepoint: one event's refused write does not undo the others
+                        results[item.index] = self._write(conn, item, item_decisions, taxonomies, model_id)
+                except DBAPIError as exc:
+                    if exc.connection_invalidated:
+                        raise
+                    if _is_conflict(exc):
+                        results[item.index] = WriteConflict(f"write conflict with another worker: {exc.orig or exc}")
+                    elif isinstance(exc, OperationalError):
+                        raise
+                    else:
+                        refused.append((item, DatabaseRefused(f"the database refused the writes: {exc.orig or exc}")))
+        for item, error in refused:
+            fail(item.index, item.event, error)
+
+    def _fetch_images(self, events: Sequence[ProductEvent]) -> list[bytes | TaggerError]:
+        """Image bytes per event (or its error); remote images are fetched concurrently."""
+        def fetch(event: ProductEvent) -> bytes | TaggerError:
+            assert event.image is not None  # guaranteed by the event contract
+            try:
+                return read_image_bytes(event.image, self.limits)
+            except TaggerError as exc:
+                return exc
+
+        if len(events) <= 1:
+            return [fetch(event) for event in events]
+        with ThreadPoolExecutor(max_workers=min(8, len(events)), thread_name_prefix="tagger-fetch") as pool:
+            return list(pool.map(fetch, events))
+
+    def _encode(self, items: Sequence[_Upsert]) -> None:
+        """Embed changed products in one image pass and one text pass; reuse stored vectors for the rest."""
+        changed = [item for item in items if item.changed]
+        if changed:
+            images, features = self.encoder.encode_images_with_features([item.image for item in changed])
+            texts = self.encoder.encode_texts([item.text for item in changed])
+            for row, item in enumerate(changed):
+                item.image_vector, item.features, item.text_vector = images[row], features[row], texts[row]
+                item.image = None  # decoded pixels are not needed any more; free them early
+        for item in items:
+            if not item.changed:
+                assert item.stored is not None
+                item.image_vector, item.text_vector, item.features = (item.stored.image, item.stored.text,
+                                                                      item.stored.features)
+
+    def _write(self, conn: Connection, item: _Upsert, decisions: list[scoring.TagDecision], taxonomies: TaxonomySet,
+               model_id: str) -> Outcome:
+        event = item.event
+        repo.lock_sku(conn, event.sku)
+        if self._is_stale(repo.get_product(conn, event.sku), event):
+            return Outcome(event.sku, STALE, "a newer event for this SKU was applied meanwhile")
+        repo.upsert_product(conn, sku=event.sku, title=event.title, description=event.description,
+                            brand=event.brand, image_ref=event.image or "", attributes=event.attributes,
+                            image_hash=item.image_hash, text_hash=item.text_hash, occurred_at=event.occurred_at)
+        repo.upsert_embedding(conn, sku=event.sku, model_id=model_id, image=item.image_vector,
+                              text_vector=item.text_vector, image_hash=item.image_hash, text_hash=item.text_hash,
+                              features=item.features if item.changed else None)
+        repo.upsert_machine_tags(conn, event.sku, decisions, model_id=model_id, versions=taxonomies.versions,
+                                 attributes=[a.name for a in taxonomies.attributes])
+        neighbours = repo.nearest_images(conn, event.sku, model_id, item.image_vector, self.settings.duplicate_neighbours)
+        pairs = select_duplicates(event.sku, neighbours, self.settings.duplicate_threshold)
+        repo.replace_duplicates(conn, event.sku, model_id, pairs)
+        repo.resolve_failures(conn, event.sku)
+        return Outcome(event.sku, PROCESSED if item.changed else UNCHANGED,
+                       f"{len(decisions)} tags, {len(pairs)} duplicates")
 
     def record_failure(self, payload: Any, exc: BaseException, event: ProductEvent | None = None) -> None:
         stage = getattr(exc, "stage", "internal")
@@ -148,6 +283,18 @@ class Pipeline:
         with self.engine.begin() as conn:
             return conn.execute(text("UPDATE outbox SET deliveries = deliveries + 1 WHERE event_id = :id "
                                      "AND processed_at IS NULL RETURNING deliveries"), {"id": event_id}).scalar()
+
+    def count_deliveries(self, payloads: Sequence[Any]) -> list[int | None]:
+        """``count_delivery`` for a batch, in one statement."""
+        ids = [event_id_hint(payload) for payload in payloads]
+        known = [i for i in ids if i is not None]
+        counts: dict[str, int] = {}
+        if known:
+            with self.engine.begin() as conn:
+                counts = dict(conn.execute(
+                    text("UPDATE outbox SET deliveries = deliveries + 1 WHERE event_id = ANY(:ids) "
+                         "AND processed_at IS NULL RETURNING event_id, deliveries"), {"ids": known}).all())
+        return [None if i is None else counts.get(i) for i in ids]
 
     def mark_delivered(self, payload: Any, outcome: str) -> None:
         """Close the event's outbox row, so the relay does not send it again."""
@@ -172,44 +319,68 @@ class Pipeline:
         # Deleting an unknown SKU is a no-op, so a redelivered delete does no harm.
         return Outcome(event.sku, DELETED if removed else UNCHANGED, "" if removed else "SKU was not stored")
 
-    def _upsert(self, event: ProductEvent) -> Outcome:
-        assert event.image is not None  # guaranteed by the event contract
-        with self.engine.connect() as conn:
-            stored_product = repo.get_product(conn, event.sku)
-            if self._is_stale(stored_product, event):
-                return Outcome(event.sku, STALE, "a newer event for this SKU was already applied")
-            stored = repo.get_embedding(conn, event.sku, self.encoder.model_id)
-        data = read_image_bytes(event.image, self.limits)
-        image_hash = image_digest(data)
-        text = event.text or event.sku
-        text_hash = hashlib.sha256(text.encode()).hexdigest()
-        changed = stored is None or (stored.image_hash, stored.text_hash) != (image_hash, text_hash)
-        if changed:
-            image = decode_image(data, self.limits)
-            image_vector = self.encoder.encode_images([image])[0]
-            text_vector = self.encoder.encode_texts([text])[0]
-        else:
-            image_vector, text_vector = stored.image, stored.text
-        taxonomies = self.taxonomies()
-        decisions = scoring.tag_products(
-            taxonomies, self.prototypes(), image_vector[None, :], self.encoder.logit_scale,
-            text_vectors=None if text_vector is None else text_vector[None, :], text_weight=self.settings.text_weight,
-            default_threshold=self.settings.review_threshold, default_top_k=self.settings.top_k,
-        )[0]
-        model_id = self.encoder.model_id
-        with self.engine.begin() as conn:
-            repo.lock_sku(conn, event.sku)
-            if self._is_stale(repo.get_product(conn, event.sku), event):
-                return Outcome(event.sku, STALE, "a newer event for this SKU was applied meanwhile")
-            repo.upsert_product(conn, sku=event.sku, title=event.title, description=event.description,
-                                brand=event.brand, image_ref=event.image, attributes=event.attributes,
-                                image_hash=image_hash, text_hash=text_hash, occurred_at=event.occurred_at)
-            repo.upsert_embedding(conn, sku=event.sku, model_id=model_id, image=image_vector, text_vector=text_vector,
-                                  image_hash=image_hash, text_hash=text_hash)
-            repo.upsert_machine_tags(conn, event.sku, decisions, model_id=model_id, versions=taxonomies.versions,
-                                     attributes=[a.name for a in taxonomies.attributes])
-            neighbours = repo.nearest_images(conn, event.sku, model_id, image_vector, self.settings.duplicate_neighbours)
-            pairs = select_duplicates(event.sku, neighbours, self.settings.duplicate_threshold)
-            repo.replace_duplicates(conn, event.sku, model_id, pairs)
-            repo.resolve_failures(conn, event.sku)
-        return Outcome(event.sku, PROCESSED if changed else UNCHANGED, f"{len(decisions)} tags, {len(pairs)} duplicates")
+
+class WriteConflict(TransientError):
+    """Another worker's transaction collided with this event's writes (deadlock, serialisation); retried."""
+
+    stage = "database"
+
+
+class DatabaseRefused(PermanentError):
+    """Postgres rejected the event's writes (a constraint or data error); retrying the same event will not help."""
+
+    stage = "database"
+
+
+def _is_conflict(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in ("40P01", "40001")  # deadlock_detected, serialization_failure
+
+
+def _rounds(events: Sequence[tuple[int, ProductEvent]]) -> list[list[tuple[int, ProductEvent]]]:
+    """Split a batch so that each SKU appears at most once per round, keeping arrival order."""
+    rounds: list[list[tuple[int, ProductEvent]]] = []
+    seen: list[set[str]] = []
+    for index, event in events:
+        occurrence = 0
+        while occurrence < len(seen) and event.sku in seen[occurrence]:
+            occurrence += 1
+        if occurrence == len(rounds):
+            rounds.append([])
+            seen.append(set())
+        # A later event for a SKU must come after its earlier one: place it after the earlier one's round.
+        rounds[occurrence].append((index, event))
+        seen[occurrence].add(event.sku)
+    return rounds
+
+
+class _Upsert:
+    """One create/update event on its way through a batch."""
+
+    def __init__(self, index: int, event: ProductEvent) -> None:
+        self.index = index
+        self.event = event
+        self.stored: repo.StoredEmbedding | None = None
+        self.error: PermanentError | None = None
+        self.image: Image.Image | None = None
+        self.image_hash = ""
+        self.text = ""
+        self.text_hash = ""
+        self.changed = False
+        self.image_vector: np.ndarray = np.zeros(0, dtype=np.float32)
+        self.text_vector: np.ndarray | None = None
+        self.features: np.ndarray | None = None
+
+    def prepare(self, data: bytes, limits: ImageLimits) -> None:
+        """Hash the content; decode the image only if the product must be embedded again."""
+        self.image_hash = image_digest(data)
+        self.text = self.event.text or self.event.sku
+        self.text_hash = hashlib.sha256(self.text.encode()).hexdigest()
+        stored = self.stored
+        # Rows from before features were kept are re-encoded once, so exemplar scoring can use them.
+        self.changed = (stored is None or (stored.image_hash, stored.text_hash) != (self.image_hash, self.text_hash)
+                        or stored.features is None)
+        if self.changed:
+            try:
+                self.image = decode_image(data, limits)
+            except PermanentError as exc:
+                self.error = exc

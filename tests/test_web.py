@@ -58,7 +58,7 @@ class Sent:
         self.events: list[dict[str, Any]] = []
 
     def factory(self) -> outbox.Sender:
-        return lambda events: self.events.extend(json.loads(e) if isinstance(e, str) else e for e in events)
+        return lambda events, queue: self.events.extend(json.loads(e) if isinstance(e, str) else e for e in events)
 
 
 def app_settings(server_settings: Settings, database_url: str, **overrides: Any) -> Settings:

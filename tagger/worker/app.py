@@ -11,7 +11,7 @@ import os
 
 from celery import Celery, signals
 
-from tagger.events import QUEUE, TASK_NAME
+from tagger.events import BATCH_TASK_NAME, QUEUE, TASK_NAME
 
 log = logging.getLogger("tagger.worker")
 
@@ -26,7 +26,8 @@ def celery_config(broker_url: str, settings_visibility_s: int) -> dict[str, obje
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": QUEUE,
-        "task_routes": {TASK_NAME: {"queue": QUEUE}},
+        # Default routes; the relay names the queue per message (live changes vs bulk loads).
+        "task_routes": {TASK_NAME: {"queue": QUEUE}, BATCH_TASK_NAME: {"queue": QUEUE}},
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
