@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from tagger import scoring
@@ -167,13 +167,15 @@ class Pipeline:
         if not upserts:
             return
         model_id = self.encoder.model_id
+        skus = [item.event.sku for item in upserts]
         with self.engine.connect() as conn:
-            for item in upserts:
-                stored_product = repo.get_product(conn, item.event.sku)
-                if self._is_stale(stored_product, item.event):
-                    results[item.index] = Outcome(item.event.sku, STALE, "a newer event for this SKU was already applied")
-                else:
-                    item.stored = repo.get_embedding(conn, item.event.sku, model_id)
+            products = repo.get_products(conn, skus)
+            embeddings = repo.get_embeddings(conn, skus, model_id)
+        for item in upserts:
+            if self._is_stale(products.get(item.event.sku), item.event):
+                results[item.index] = Outcome(item.event.sku, STALE, "a newer event for this SKU was already applied")
+            else:
+                item.stored = embeddings.get(item.event.sku)
         live = [item for item in upserts if results[item.index] is None]
         for item, fetched in zip(live, self._fetch_images([item.event for item in live]), strict=True):
             if isinstance(fetched, TransientError):
@@ -187,33 +189,60 @@ class Pipeline:
         ready = [item for item in live if results[item.index] is None]
         if not ready:
             return
-        self._encode(ready)
         taxonomies = self.taxonomies()
-        texts = [item.text_vector for item in ready]
-        decisions = scoring.tag_products(
-            taxonomies, self.prototypes(), np.stack([item.image_vector for item in ready]), self.encoder.logit_scale,
+        prototypes = self.prototypes()
+        # Encoding (CPU or GPU) and writing (Postgres) overlap: while chunk k is written, chunk k+1 is encoded in
+        # a helper thread (ONNX Runtime, torch and psycopg release the GIL). Chunks follow SKU order, which is
+        # also the order of the per-SKU locks, so overlapping batches of two workers cannot deadlock.
+        ready.sort(key=lambda item: item.event.sku)
+        size = max(4, len(ready) // 4)
+        chunks = [ready[i : i + size] for i in range(0, len(ready), size)]
+
+        def encode_and_score(chunk: list[_Upsert]) -> list[list[scoring.TagDecision]]:
+            self._encode(chunk)
+            return self._score(chunk, taxonomies, prototypes)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagger-encode") as encoder_thread:
+            upcoming = encoder_thread.submit(encode_and_score, chunks[0])
+            for number, chunk in enumerate(chunks):
+                decisions = upcoming.result()
+                if number + 1 < len(chunks):
+                    upcoming = encoder_thread.submit(encode_and_score, chunks[number + 1])
+                self._write_isolating_refusals(list(zip(chunk, decisions, strict=True)), taxonomies, model_id,
+                                               results, fail)
+
+    def _score(self, items: Sequence[_Upsert], taxonomies: TaxonomySet,
+               prototypes: dict[str, scoring.LabelPrototypes]) -> list[list[scoring.TagDecision]]:
+        texts = [item.text_vector for item in items]
+        return scoring.tag_products(
+            taxonomies, prototypes, np.stack([item.image_vector for item in items]), self.encoder.logit_scale,
             text_vectors=None if any(t is None for t in texts) else np.stack(texts),
             text_weight=self.settings.text_weight,
             default_threshold=self.settings.review_threshold, default_top_k=self.settings.top_k,
         )
-        # SKU order: two workers writing overlapping batches take the per-SKU locks in the same order.
-        refused: list[tuple[_Upsert, DatabaseRefused]] = []
-        with self.engine.begin() as conn:
-            for item, item_decisions in sorted(zip(ready, decisions, strict=True), key=lambda pair: pair[0].event.sku):
-                try:
-                    with conn.begin_nested():  # a savepoint: one event's refused write does not undo the others
-                        results[item.index] = self._write(conn, item, item_decisions, taxonomies, model_id)
-                except DBAPIError as exc:
-                    if exc.connection_invalidated:
-                        raise
-                    if _is_conflict(exc):
-                        results[item.index] = WriteConflict(f"write conflict with another worker: {exc.orig or exc}")
-                    elif isinstance(exc, OperationalError):
-                        raise
-                    else:
-                        refused.append((item, DatabaseRefused(f"the database refused the writes: {exc.orig or exc}")))
-        for item, error in refused:
-            fail(item.index, item.event, error)
+
+    def _write_isolating_refusals(self, pending: list[tuple[_Upsert, list[scoring.TagDecision]]],
+                                  taxonomies: TaxonomySet, model_id: str,
+                                  results: list[Outcome | TransientError | None],
+                                  fail: Callable[[int, ProductEvent, PermanentError], None]) -> None:
+        """``_write`` for a chunk; if Postgres refuses one event's writes, each event is written alone so that
+        only that event fails. Write conflicts (deadlock, serialisation) are returned for a retry."""
+        try:
+            self._write(pending, taxonomies, model_id, results)
+            return
+        except DBAPIError as exc:
+            if exc.connection_invalidated or (isinstance(exc, OperationalError) and not _is_conflict(exc)):
+                raise
+            if _is_conflict(exc):
+                for item, _ in pending:
+                    results[item.index] = WriteConflict(f"write conflict with another worker: {exc.orig or exc}")
+                return
+            if len(pending) == 1:
+                item = pending[0][0]
+                fail(item.index, item.event, DatabaseRefused(f"the database refused the writes: {exc.orig or exc}"))
+                return
+        for one in pending:
+            self._write_isolating_refusals([one], taxonomies, model_id, results, fail)
 
     def _fetch_images(self, events: Sequence[ProductEvent]) -> list[bytes | TaggerError]:
         """Image bytes per event (or its error); remote images are fetched concurrently."""
@@ -244,26 +273,44 @@ class Pipeline:
                 item.image_vector, item.text_vector, item.features = (item.stored.image, item.stored.text,
                                                                       item.stored.features)
 
-    def _write(self, conn: Connection, item: _Upsert, decisions: list[scoring.TagDecision], taxonomies: TaxonomySet,
-               model_id: str) -> Outcome:
-        event = item.event
-        repo.lock_sku(conn, event.sku)
-        if self._is_stale(repo.get_product(conn, event.sku), event):
-            return Outcome(event.sku, STALE, "a newer event for this SKU was applied meanwhile")
-        repo.upsert_product(conn, sku=event.sku, title=event.title, description=event.description,
-                            brand=event.brand, image_ref=event.image or "", attributes=event.attributes,
-                            image_hash=item.image_hash, text_hash=item.text_hash, occurred_at=event.occurred_at)
-        repo.upsert_embedding(conn, sku=event.sku, model_id=model_id, image=item.image_vector,
-                              text_vector=item.text_vector, image_hash=item.image_hash, text_hash=item.text_hash,
-                              features=item.features if item.changed else None)
-        repo.upsert_machine_tags(conn, event.sku, decisions, model_id=model_id, versions=taxonomies.versions,
-                                 attributes=[a.name for a in taxonomies.attributes])
-        neighbours = repo.nearest_images(conn, event.sku, model_id, item.image_vector, self.settings.duplicate_neighbours)
-        pairs = select_duplicates(event.sku, neighbours, self.settings.duplicate_threshold)
-        repo.replace_duplicates(conn, event.sku, model_id, pairs)
-        repo.resolve_failures(conn, event.sku)
-        return Outcome(event.sku, PROCESSED if item.changed else UNCHANGED,
-                       f"{len(decisions)} tags, {len(pairs)} duplicates")
+    def _write(self, pending: Sequence[tuple[_Upsert, list[scoring.TagDecision]]], taxonomies: TaxonomySet,
+               model_id: str, results: list[Outcome | TransientError | None]) -> None:
+        """All writes of a batch in one transaction, in SKU order (the per-SKU locks are taken in that order, so
+        two workers writing overlapping batches cannot deadlock on them). Results are set only on commit."""
+        versions = taxonomies.versions
+        attributes = [a.name for a in taxonomies.attributes]
+        outcomes: list[tuple[_Upsert, Outcome]] = []
+        with self.engine.begin() as conn:
+            skus = [item.event.sku for item, _ in pending]
+            repo.lock_skus(conn, skus)
+            products = repo.get_products(conn, skus)
+            repo.use_iterative_scans(conn)
+            written: list[str] = []
+            for item, decisions in pending:
+                event = item.event
+                if self._is_stale(products.get(event.sku), event):
+                    outcomes.append((item, Outcome(event.sku, STALE, "a newer event for this SKU was applied meanwhile")))
+                    continue
+                repo.upsert_product(conn, sku=event.sku, title=event.title, description=event.description,
+                                    brand=event.brand, image_ref=event.image or "", attributes=event.attributes,
+                                    image_hash=item.image_hash, text_hash=item.text_hash,
+                                    occurred_at=event.occurred_at)
+                repo.upsert_embedding(conn, sku=event.sku, model_id=model_id, image=item.image_vector,
+                                      text_vector=item.text_vector, image_hash=item.image_hash,
+                                      text_hash=item.text_hash, features=item.features if item.changed else None)
+                repo.upsert_machine_tags(conn, event.sku, decisions, model_id=model_id, versions=versions,
+                                         attributes=attributes)
+                neighbours = repo.nearest_images(conn, event.sku, model_id, item.image_vector,
+                                                 self.settings.duplicate_neighbours, set_scan=False)
+                pairs = select_duplicates(event.sku, neighbours, self.settings.duplicate_threshold)
+                repo.replace_duplicates(conn, event.sku, model_id, pairs)
+                written.append(event.sku)
+                outcomes.append((item, Outcome(event.sku, PROCESSED if item.changed else UNCHANGED,
+                                               f"{len(decisions)} tags, {len(pairs)} duplicates")))
+            if written:
+                repo.resolve_failures(conn, written)
+        for item, outcome in outcomes:
+            results[item.index] = outcome
 
     def record_failure(self, payload: Any, exc: BaseException, event: ProductEvent | None = None) -> None:
         stage = getattr(exc, "stage", "internal")
