@@ -205,4 +205,10 @@ def _print_summary(s: dict[str, Any], database_url: str, elapsed: float) -> None
           "ORDER BY e2.image_embedding <=> e1.image_embedding LIMIT 5;")
     print("  -- near-duplicate SKUs, from either side")
     print("    SELECT sku, duplicate_sku, round(similarity::numeric, 3) FROM duplicate_pairs ORDER BY similarity DESC;")
+    # The web process reads product photos with the same image-root rule as the workers.
+    folders = sorted({str(Path(e["image"]).parent) for e in events
+                      if e.get("image") and not str(e["image"]).startswith(("http://", "https://"))})
+    roots = f"TAGGER_IMAGE_ROOTS={os.pathsep.join(folders)} " if folders else ""
+    print(f"\nReview tags and duplicates in a browser: run `{roots}tagger serve`, then open "
+          "http://127.0.0.1:8080/review (decisions land in the tags table; see docs/review.md)")
     print("\nThe embedded servers keep running for these queries; `tagger services stop` stops them.")

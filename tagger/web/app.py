@@ -36,7 +36,8 @@ from tagger import __version__, outbox
 from tagger.db import repository as repo
 from tagger.db.engine import get_engine
 from tagger.errors import InvalidEvent
-from tagger.events import EVENT_TYPES, QUEUE, ProductEvent, event_id_hint, parse_event, sku_hint, with_identity
+from tagger.events import (BULK_QUEUE, EVENT_TYPES, QUEUE, ProductEvent, event_id_hint, parse_event, sku_hint,
+                           with_identity)
 from tagger.settings import Settings, env_name
 
 log = logging.getLogger("tagger.web")
@@ -526,12 +527,17 @@ def create_app(settings: Settings, *, sender: Callable[[], outbox.Sender] | None
              tags=["operations"])
     def metrics() -> Response:
         try:
-            text_body = render_metrics(engine(), outbox.redis_queue_depth(broker_url, QUEUE))
+            text_body = render_metrics(engine(), outbox.redis_queue_depth(broker_url, QUEUE, BULK_QUEUE))
         except SQLAlchemyError as exc:
             log.warning("metrics: database unavailable: %s", exc)
             return Response("# tagger metrics unavailable: the database does not answer\n", status_code=503,
                             media_type="text/plain; version=0.0.4; charset=utf-8")
         return Response(text_body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # The merchandisers' review page (/review): for people, so it stays out of the OpenAPI document.
+    from tagger.web.review import mount_review
+
+    mount_review(app, settings)
 
     original_openapi = app.openapi
 
@@ -603,7 +609,8 @@ def render_metrics(engine: Engine, queue_depth: Callable[[], int | None]) -> str
     lines.append(f"tagger_events_failed_total {int(failed)}")
     family("tagger_outbox_unsent", "gauge", "Outbox events not yet handed to the broker.")
     lines.append(f"tagger_outbox_unsent {int(unsent)}")
-    family("tagger_queue_depth", "gauge", f"Messages waiting in the broker queue {QUEUE} (absent if unknown).")
+    family("tagger_queue_depth", "gauge",
+           f"Messages waiting in the broker queues {QUEUE} and {BULK_QUEUE} (absent if unknown).")
     if depth is not None:
         lines.append(f"tagger_queue_depth {int(depth)}")
     family("tagger_event_latency_seconds", "histogram", "Seconds from receiving an event to finishing it.")
