@@ -48,9 +48,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def worker_argv(settings: Settings, concurrency: int | None, queues: str | None, loglevel: str) -> list[str]:
-    from tagger.events import QUEUE
+    from tagger.events import BULK_QUEUE, QUEUE
 
-    return ["worker", "--queues", queues or QUEUE, "--concurrency", str(concurrency or settings.worker_concurrency),
+    return ["worker", "--queues", queues or f"{QUEUE},{BULK_QUEUE}",
+            "--concurrency", str(concurrency or settings.worker_concurrency),
             "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
 
 
@@ -69,7 +70,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     from tagger import outbox
     from tagger.db.engine import get_engine
     from tagger.encoders.base import get_encoder
-    from tagger.events import QUEUE
+    from tagger.events import BULK_QUEUE, QUEUE
     from tagger.taxonomy import load_taxonomies
 
     settings = resolved_settings()
@@ -83,7 +84,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
     log.info("relay started (poll %.1fs, redeliver after %.0fs)", args.poll, args.redeliver_after)
     outbox.run_relay(engine, outbox.celery_sender(), poll_s=args.poll, redeliver_after_s=args.redeliver_after,
-                     max_attempts=settings.max_retries, queue_depth=outbox.redis_queue_depth(str(settings.broker_url), QUEUE),
+                     max_attempts=settings.max_retries,
+                     queue_depth=outbox.redis_queue_depth(str(settings.broker_url), QUEUE, BULK_QUEUE),
                      reconcile_every_s=args.reconcile_every, reconcile_pass=None if args.no_reconcile else reconcile_pass)
     return 0
 
@@ -124,7 +126,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     resolved_settings()
     events = list(read_catalog(Path(args.catalog), event_type=args.type))
-    sent = publish(events, validate=not args.no_validate)
+    sent = publish(events, validate=not args.no_validate, source="ingest")
     print(f"published {sent} event(s) from {args.catalog}")
     return 0
 
@@ -189,6 +191,12 @@ def cmd_failures(args: argparse.Namespace) -> int:
 
 def cmd_taxonomy(args: argparse.Namespace) -> int:
     from tagger.taxonomy.commands import main
+
+    return int(main(args.rest) or 0)
+
+
+def cmd_exemplars(args: argparse.Namespace) -> int:
+    from tagger.exemplars.commands import main
 
     return int(main(args.rest) or 0)
 
@@ -275,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_taxonomy)
 
+    p = sub.add_parser("exemplars", help="a shop's labelled examples: import, list, remove, check, retag",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_exemplars)
+
     p = sub.add_parser("model", help="the default model")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     mt = msub.add_parser("train", help="train the default model's heads (see tagger/models/default/MODEL_CARD.md)",
@@ -288,15 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _arguments_after(argv: Sequence[str], path: Sequence[str]) -> list[str]:
+    position = 0
+    for word in path:
+        position = list(argv).index(word, position) + 1
+    return list(argv[position:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
-    if extra:
-        # Commands with their own parsers (taxonomy, model train, eval) get every remaining argument, --help too.
-        if not hasattr(args, "rest"):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.rest = list(args.rest) + extra
+    if hasattr(args, "rest"):
+        # Commands with their own parsers (taxonomy, model train, eval, ...) get every argument after their name,
+        # --help too, in the order given (argparse's REMAINDER drops or reorders leading options).
+        path = [args.command] + ([args.model_command] if getattr(args, "model_command", None) else [])
+        args.rest = _arguments_after(argv, path)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from tagger.logs import configure_logging
 
     configure_logging(logging.INFO if args.verbose else logging.WARNING, get_settings().log_format)

@@ -20,7 +20,8 @@ from PIL import Image
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from tagger import scoring
+from tagger import fewshot, scoring
+from tagger.db import exemplar_repository as exemplar_repo
 from tagger.db import repository as repo
 from tagger.db.engine import get_engine
 from tagger.duplicates import select_duplicates
@@ -61,6 +62,8 @@ class Pipeline:
         self._taxonomy_stamp: tuple[tuple[str, float], ...] | None = None
         self._taxonomies: TaxonomySet | None = None
         self._prototypes: dict[str, scoring.LabelPrototypes] | None = None
+        self._exemplars: tuple[tuple[int, int, int], dict[str, fewshot.AttributeExemplars]] | None = None
+        self.fewshot_params = fewshot.FewShotParams.from_settings(settings)
         self._lock = threading.Lock()
 
     @property
@@ -111,6 +114,17 @@ class Pipeline:
                 repo.store_prototypes(conn, model_id, taxonomy, built)
                 result.update(built)
         return result
+
+    def exemplars(self) -> dict[str, fewshot.AttributeExemplars]:
+        """The shop's labelled examples with their features, re-read only when one was added or removed."""
+        with self.engine.connect() as conn:
+            stamp = exemplar_repo.exemplars_stamp(conn)
+            cached = self._exemplars
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+            loaded = exemplar_repo.load_exemplars(conn, self.encoder.model_id) if stamp[0] else {}
+        self._exemplars = (stamp, loaded)
+        return loaded
 
     # ---- events ----------------------------------------------------------------------------------
 
@@ -191,6 +205,7 @@ class Pipeline:
             return
         taxonomies = self.taxonomies()
         prototypes = self.prototypes()
+        exemplars = self.exemplars()
         # Encoding (CPU or GPU) and writing (Postgres) overlap: while chunk k is written, chunk k+1 is encoded in
         # a helper thread (ONNX Runtime, torch and psycopg release the GIL). Chunks follow SKU order, which is
         # also the order of the per-SKU locks, so overlapping batches of two workers cannot deadlock.
@@ -200,7 +215,7 @@ class Pipeline:
 
         def encode_and_score(chunk: list[_Upsert]) -> list[list[scoring.TagDecision]]:
             self._encode(chunk)
-            return self._score(chunk, taxonomies, prototypes)
+            return self._score(chunk, taxonomies, prototypes, exemplars)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagger-encode") as encoder_thread:
             upcoming = encoder_thread.submit(encode_and_score, chunks[0])
@@ -212,13 +227,23 @@ class Pipeline:
                                                results, fail)
 
     def _score(self, items: Sequence[_Upsert], taxonomies: TaxonomySet,
-               prototypes: dict[str, scoring.LabelPrototypes]) -> list[list[scoring.TagDecision]]:
+               prototypes: dict[str, scoring.LabelPrototypes],
+               exemplars: dict[str, fewshot.AttributeExemplars]) -> list[list[scoring.TagDecision]]:
         texts = [item.text_vector for item in items]
+        features = None
+        known = [item.features for item in items if item.features is not None]
+        if exemplars and known:
+            # A product without features (NaN row) is scored zero-shot; the tag records that no exemplar was used.
+            features = np.full((len(items), len(known[0])), np.nan, dtype=np.float32)
+            for row, item in enumerate(items):
+                if item.features is not None and len(item.features) == features.shape[1]:
+                    features[row] = item.features
         return scoring.tag_products(
             taxonomies, prototypes, np.stack([item.image_vector for item in items]), self.encoder.logit_scale,
             text_vectors=None if any(t is None for t in texts) else np.stack(texts),
             text_weight=self.settings.text_weight,
             default_threshold=self.settings.review_threshold, default_top_k=self.settings.top_k,
+            image_features=features, exemplars=exemplars or None, fewshot_params=self.fewshot_params,
         )
 
     def _write_isolating_refusals(self, pending: list[tuple[_Upsert, list[scoring.TagDecision]]],

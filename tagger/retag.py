@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from sqlalchemy import Connection, Engine
 
-from tagger import scoring
+from tagger import fewshot, scoring
+from tagger.db import exemplar_repository as exrepo
 from tagger.db import repository as repo
 from tagger.encoders.base import Encoder
 from tagger.errors import TaggerError
@@ -158,7 +159,8 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 def _score_chunk(scoring_set: TaxonomySet, prototypes: dict[str, scoring.LabelPrototypes], images: np.ndarray,
                  texts: np.ndarray | None, has_text: np.ndarray | None, logit_scale: float, settings: Settings,
-                 attributes: Sequence[str]) -> list[list[scoring.TagDecision]]:
+                 attributes: Sequence[str], features: np.ndarray | None = None,
+                 exemplars: Mapping[str, fewshot.AttributeExemplars] | None = None) -> list[list[scoring.TagDecision]]:
     """The pipeline's decisions for a chunk of products (products without a text vector scored on the image)."""
 
     def run(rows: np.ndarray | slice, with_text: bool) -> list[list[scoring.TagDecision]]:
@@ -166,7 +168,9 @@ def _score_chunk(scoring_set: TaxonomySet, prototypes: dict[str, scoring.LabelPr
             scoring_set, prototypes, images[rows], logit_scale,
             text_vectors=texts[rows] if with_text and texts is not None else None,
             text_weight=settings.text_weight, default_threshold=settings.review_threshold,
-            default_top_k=settings.top_k, attributes=attributes)
+            default_top_k=settings.top_k, attributes=attributes,
+            image_features=features[rows] if features is not None else None, exemplars=exemplars,
+            fewshot_params=fewshot.FewShotParams.from_settings(settings))
 
     if texts is None or has_text is None or has_text.all():
         return run(slice(None), texts is not None)
@@ -181,8 +185,12 @@ def _score_chunk(scoring_set: TaxonomySet, prototypes: dict[str, scoring.LabelPr
 
 def rescore(engine: Engine, taxonomies: TaxonomySet, prototypes: dict[str, scoring.LabelPrototypes],
             attributes: Sequence[str], *, encoder: Encoder, settings: Settings, chunk_size: int = DEFAULT_CHUNK,
-            progress: bool = False) -> tuple[int, int, int]:
-    """Re-score ``attributes`` for every product from its stored embeddings. Returns (products, written, deleted)."""
+            progress: bool = False, exemplars: Mapping[str, fewshot.AttributeExemplars] | None = None
+            ) -> tuple[int, int, int]:
+    """Re-score ``attributes`` for every product from its stored embeddings. Returns (products, written, deleted).
+
+    Attributes with exemplars (``exemplars``, else those stored for the model) are scored with them, reading the
+    stored backbone features too; products without features are scored zero-shot."""
     if not attributes:
         return 0, 0, 0
     needed = condition_closure(taxonomies, attributes)
@@ -194,6 +202,9 @@ def rescore(engine: Engine, taxonomies: TaxonomySet, prototypes: dict[str, scori
     with_text = settings.text_weight > 0.0
     with engine.connect() as conn:
         total = repo.embedding_count(conn, model_id)
+        if exemplars is None:
+            exemplars = exrepo.load_exemplars(conn, model_id, list(needed))
+    exemplars = {name: ex for name, ex in exemplars.items() if name in needed and len(ex)}
     products = written = deleted = 0
     after: str | None = None
     with _progress(total, f"re-scoring {', '.join(attributes)}", progress) as bar:
@@ -203,10 +214,11 @@ def rescore(engine: Engine, taxonomies: TaxonomySet, prototypes: dict[str, scori
                                                                       with_text=with_text)
                 if not skus:
                     break
+                features = _features(conn, model_id, after, skus, exemplars) if exemplars else None
                 decisions = _score_chunk(scoring_set, protos, images, texts, has_text, logit_scale, settings,
-                                         attributes)
+                                         attributes, features, exemplars)
                 rows = [(sku, d.taxonomy, d.attribute, d.value, round(d.score, 6), d.rank, d.path, model_id,
-                         versions[d.taxonomy], d.status)
+                         versions[d.taxonomy], d.status, d.exemplars)
                         for sku, product in zip(skus, decisions, strict=True) for d in product]
                 w, d = repo.write_machine_tags_bulk(conn, rows, skus, attributes)
             written += w
@@ -215,6 +227,18 @@ def rescore(engine: Engine, taxonomies: TaxonomySet, prototypes: dict[str, scori
             after = skus[-1]
             bar.update(len(skus))
     return products, written, deleted
+
+
+def _features(conn: Connection, model_id: str, after: str | None, skus: Sequence[str],
+              exemplars: Mapping[str, fewshot.AttributeExemplars]) -> np.ndarray:
+    """Stored backbone features of one page of products, a NaN row where a product has none."""
+    dim = next(iter(exemplars.values())).features.shape[1]
+    stored_skus, stored = exrepo.features_page(conn, model_id, after=after, last=skus[-1])
+    features = np.full((len(skus), dim), np.nan, dtype=np.float32)
+    if len(stored_skus) and stored.shape[1] == dim:  # features of another size belong to another model
+        position = {sku: i for i, sku in enumerate(skus)}
+        features[[position[sku] for sku in stored_skus]] = stored
+    return features
 
 
 def _padded(attribute: Any, group: list[tuple[Any, ...]]) -> tuple[list[str], np.ndarray]:
@@ -265,7 +289,7 @@ def redecide(engine: Engine, taxonomies: TaxonomySet, attributes: Sequence[str],
                     status = {d.rank: d.status for d in decisions}
                     for r in group:
                         out.append((sku, attribute.taxonomy, name, r[3], r[4], r[5], r[6], r[7],
-                                    versions[attribute.taxonomy], status[int(r[5])]))
+                                    versions[attribute.taxonomy], status[int(r[5])], r[8]))
                 skus = sorted({row[0] for row in rows})
                 w, _ = repo.write_machine_tags_bulk(conn, out, skus, attributes, delete_missing=False)
             written += w

@@ -50,6 +50,12 @@ class Settings:
     top_k: int = 3  # labels stored per attribute
     text_weight: float = 0.3  # share of the product text (title, description) in the score; 0: image only
 
+    # Learning from exemplars (tagger/fewshot.py; formula and measurements in the default model's MODEL_CARD.md).
+    exemplar_scale: float = 5.0  # logit scale of a product's cosine to a label's exemplar centroid (until fitted)
+    exemplar_prior: float = 4.0  # exemplars at which a label's exemplar evidence gets half its full weight
+    exemplar_temperature: float = 1.0  # divides the combined logits, keeping confidences calibrated
+    exemplar_fit: bool = True  # fit scale and temperature per attribute to its exemplars (leave-one-out)
+
     # Near-duplicates.
     duplicate_threshold: float = 0.90  # cosine similarity of image embeddings (see `tagger eval duplicates`)
     duplicate_neighbours: int = 10  # nearest neighbours examined per product
@@ -74,6 +80,11 @@ class Settings:
     webhook_secret: str | None = field(default=None, repr=False)  # never printed with the settings
     webhook_tolerance_s: int = 300  # accepted clock skew of X-Tagger-Timestamp, in seconds
 
+    # Review page (``/review`` on ``tagger serve``). Without a token it answers only to clients on this machine
+    # (loopback); with one, reviewers sign in with it. Read-only shows every page but refuses decisions.
+    review_token: str | None = field(default=None, repr=False)  # never printed with the settings
+    review_read_only: bool = False
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
@@ -94,6 +105,9 @@ class Settings:
                 raise ConfigurationError(f"{env_name(name)}={value} is out of range: use a number from 0 to 1")
         if not 0.0 <= self.text_weight <= 1.0:
             raise ConfigurationError(f"{env_name('text_weight')}={self.text_weight} must lie between 0 and 1")
+        if self.exemplar_scale < 0 or self.exemplar_prior < 0 or self.exemplar_temperature <= 0:
+            raise ConfigurationError("TAGGER_EXEMPLAR_SCALE and TAGGER_EXEMPLAR_PRIOR must be at least 0 and "
+                                     "TAGGER_EXEMPLAR_TEMPERATURE above 0")
         if self.log_format not in ("text", "json"):
             raise ConfigurationError(f"{env_name('log_format')}={self.log_format!r}: use text or json")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

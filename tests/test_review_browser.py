@@ -247,6 +247,43 @@ def test_heat_map_opens_as_an_overlay(page: Any, server: str, tagged: tuple[str,
     wait_js(page, "() => document.getElementById('heatmap').naturalWidth > 0")
 
 
+def test_an_approval_raises_the_confidence_of_the_next_similar_product(
+        page: Any, server: str, tagged: tuple[str, list[dict[str, Any]], Pipeline]) -> None:
+    """Approving a tag makes the product an exemplar; the attribute is re-tagged in the background from stored
+    embeddings, and a similar product's confidence for that label goes up on the page."""
+    url = tagged[0]
+    pairs = query_rows(url, """
+        SELECT a.sku, b.sku, a.attribute, a.value
+        FROM tags a
+        JOIN tags b ON b.attribute = a.attribute AND b.value = a.value AND b.sku <> a.sku
+        JOIN embeddings ea ON ea.sku = a.sku JOIN embeddings eb ON eb.sku = b.sku
+        WHERE a.rank = 1 AND b.rank = 1 AND a.source = 'machine' AND b.source = 'machine'
+          AND a.status IN ('needs_review', 'accepted') AND b.status IN ('needs_review', 'accepted') AND b.score < 0.9
+          AND NOT EXISTS (SELECT 1 FROM exemplars x WHERE x.attribute = a.attribute)
+          AND NOT EXISTS (SELECT 1 FROM tags d WHERE d.sku IN (a.sku, b.sku) AND d.attribute = a.attribute
+                          AND d.source = 'manual')
+        ORDER BY ea.image_features <=> eb.image_features, a.sku, b.sku
+        LIMIT 1""")
+    assert pairs, "no two products share an undecided top label"
+    approved_sku, next_sku, attribute, label = pairs[0]
+    queue = f"{server}/review/queue?show=all&attribute={attribute}&label={label}"
+    next_score = f'.item[data-sku="{next_sku}"][data-attribute="{attribute}"] li.proposal .score'
+
+    page.goto(queue)
+    before = page.inner_text(next_score)
+    shot(page, "exemplar-before")
+    page.click(f'.item[data-sku="{approved_sku}"][data-attribute="{attribute}"] button.approve')
+    page.wait_for_selector(f'.item[data-sku="{approved_sku}"][data-attribute="{attribute}"][data-state="approved"]')
+    assert query_rows(url, "SELECT source FROM exemplars WHERE sku = :s AND attribute = :a AND label = :l",
+                      s=approved_sku, a=attribute, l=label) == [("review_approval",)]
+    wait_until(lambda: (query_value(url, "SELECT exemplars FROM tags WHERE sku = :s AND attribute = :a AND value = :l",
+                                    s=next_sku, a=attribute, l=label) or 0) > 0, 120, "the background re-tag")
+    page.goto(queue)
+    after = page.inner_text(next_score)
+    shot(page, "exemplar-after")
+    assert int(after.rstrip("%")) > int(before.rstrip("%")), (before, after)
+
+
 def test_health_page_renders_charts_and_numbers(page: Any, server: str) -> None:
     page.goto(server + "/review/health")
     assert page.locator(".chart svg").count() == 3

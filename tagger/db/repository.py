@@ -34,6 +34,7 @@ class StoredEmbedding:
     text_hash: str
     image: np.ndarray
     text: np.ndarray | None
+    features: np.ndarray | None = None  # backbone image features (exemplar scoring); None before revision 0004
 
 
 def _array(value: Any) -> np.ndarray:
@@ -51,9 +52,22 @@ def get_product(conn: Connection, sku: str, *, lock: bool = False) -> StoredProd
     return StoredProduct(*row) if row else None
 
 
+def get_products(conn: Connection, skus: Sequence[str]) -> dict[str, StoredProduct]:
+    rows = conn.execute(text("SELECT sku, image_hash, text_hash, last_event_at FROM products WHERE sku = ANY(:skus)"),
+                        {"skus": list(skus)}).all()
+    return {row[0]: StoredProduct(*row) for row in rows}
+
+
 def lock_sku(conn: Connection, sku: str) -> None:
     """Serialise work on one SKU across workers for the rest of the transaction."""
     conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:sku, 0))"), {"sku": sku})
+
+
+def lock_skus(conn: Connection, skus: Sequence[str]) -> None:
+    """``lock_sku`` for many SKUs in one statement, always in SKU order (two batches never deadlock on them)."""
+    conn.execute(text("SELECT count(pg_advisory_xact_lock(hashtextextended(s, 0))) "
+                      "FROM (SELECT DISTINCT s FROM unnest(CAST(:skus AS text[])) AS s ORDER BY s) AS ordered"),
+                 {"skus": list(skus)})
 
 
 def upsert_product(conn: Connection, *, sku: str, title: str, description: str, brand: str | None, image_ref: str,
@@ -85,30 +99,45 @@ def upsert_product(conn: Connection, *, sku: str, title: str, description: str, 
 
 def get_embedding(conn: Connection, sku: str, model_id: str) -> StoredEmbedding | None:
     row = conn.execute(
-        text("SELECT image_hash, text_hash, image_embedding, text_embedding FROM embeddings "
+        text("SELECT image_hash, text_hash, image_embedding, text_embedding, image_features FROM embeddings "
              "WHERE sku = :sku AND model_id = :model_id"),
         {"sku": sku, "model_id": model_id},
     ).first()
     if row is None:
         return None
-    return StoredEmbedding(row[0], row[1], _array(row[2]), None if row[3] is None else _array(row[3]))
+    return StoredEmbedding(row[0], row[1], _array(row[2]), None if row[3] is None else _array(row[3]),
+                           None if row[4] is None else _array(row[4]))
+
+
+def get_embeddings(conn: Connection, skus: Sequence[str], model_id: str) -> dict[str, StoredEmbedding]:
+    rows = conn.execute(
+        text("SELECT sku, image_hash, text_hash, image_embedding, text_embedding, image_features FROM embeddings "
+             "WHERE sku = ANY(:skus) AND model_id = :model_id"),
+        {"skus": list(skus), "model_id": model_id},
+    ).all()
+    return {row[0]: StoredEmbedding(row[1], row[2], _array(row[3]), None if row[4] is None else _array(row[4]),
+                                    None if row[5] is None else _array(row[5])) for row in rows}
 
 
 def upsert_embedding(conn: Connection, *, sku: str, model_id: str, image: np.ndarray, text_vector: np.ndarray | None,
-                     image_hash: str, text_hash: str) -> None:
+                     image_hash: str, text_hash: str, features: np.ndarray | None = None) -> None:
+    # Rows written before features were kept get them the next time the product is encoded.
     conn.execute(
         text(
             """
-            INSERT INTO embeddings AS e (sku, model_id, image_embedding, text_embedding, image_hash, text_hash)
-            VALUES (:sku, :model_id, :image, :text, :image_hash, :text_hash)
+            INSERT INTO embeddings AS e (sku, model_id, image_embedding, text_embedding, image_hash, text_hash,
+                                         image_features)
+            VALUES (:sku, :model_id, :image, :text, :image_hash, :text_hash, CAST(:features AS halfvec))
             ON CONFLICT (sku, model_id) DO UPDATE SET
                 image_embedding = EXCLUDED.image_embedding, text_embedding = EXCLUDED.text_embedding,
-                image_hash = EXCLUDED.image_hash, text_hash = EXCLUDED.text_hash, updated_at = now()
+                image_hash = EXCLUDED.image_hash, text_hash = EXCLUDED.text_hash,
+                image_features = COALESCE(EXCLUDED.image_features, e.image_features), updated_at = now()
             WHERE (e.image_hash, e.text_hash) IS DISTINCT FROM (EXCLUDED.image_hash, EXCLUDED.text_hash)
+               OR (e.image_features IS NULL AND EXCLUDED.image_features IS NOT NULL)
             """
         ),
         {"sku": sku, "model_id": model_id, "image": image, "text": text_vector, "image_hash": image_hash,
-         "text_hash": text_hash},
+         "text_hash": text_hash, "features": None if features is None else np.asarray(features, dtype=np.float32)},
     )
 
 
@@ -118,12 +147,12 @@ MACHINE_TAG_CONFLICT = """
     ON CONFLICT (sku, attribute, value) DO UPDATE SET
         taxonomy = EXCLUDED.taxonomy, score = EXCLUDED.score, rank = EXCLUDED.rank, path = EXCLUDED.path,
         model_id = EXCLUDED.model_id, taxonomy_version = EXCLUDED.taxonomy_version,
-        status = EXCLUDED.status, updated_at = now()
+        status = EXCLUDED.status, exemplars = EXCLUDED.exemplars, updated_at = now()
     WHERE t.source = 'machine' AND t.status NOT IN ('approved', 'rejected')
-      AND (t.taxonomy, t.score, t.rank, t.path, t.model_id, t.taxonomy_version, t.status)
+      AND (t.taxonomy, t.score, t.rank, t.path, t.model_id, t.taxonomy_version, t.status, t.exemplars)
           IS DISTINCT FROM
           (EXCLUDED.taxonomy, EXCLUDED.score, EXCLUDED.rank, EXCLUDED.path, EXCLUDED.model_id,
-           EXCLUDED.taxonomy_version, EXCLUDED.status)
+           EXCLUDED.taxonomy_version, EXCLUDED.status, EXCLUDED.exemplars)
 """
 
 
@@ -137,7 +166,7 @@ def upsert_machine_tags(conn: Connection, sku: str, decisions: Sequence[TagDecis
     rows = [
         {"sku": sku, "taxonomy": d.taxonomy, "attribute": d.attribute, "value": d.value, "score": round(d.score, 6),
          "rank": d.rank, "path": d.path, "model_id": model_id, "taxonomy_version": versions[d.taxonomy],
-         "status": d.status}
+         "status": d.status, "exemplars": d.exemplars}
         for d in decisions
     ]
     if rows:
@@ -145,9 +174,9 @@ def upsert_machine_tags(conn: Connection, sku: str, decisions: Sequence[TagDecis
             text(
                 """
                 INSERT INTO tags AS t (sku, taxonomy, attribute, value, score, rank, path, model_id, taxonomy_version,
-                                       source, status)
+                                       source, status, exemplars)
                 VALUES (:sku, :taxonomy, :attribute, :value, :score, :rank, :path, :model_id, :taxonomy_version,
-                        'machine', :status)
+                        'machine', :status, :exemplars)
                 """ + MACHINE_TAG_CONFLICT
             ),
             rows,
@@ -165,10 +194,18 @@ def upsert_machine_tags(conn: Connection, sku: str, decisions: Sequence[TagDecis
     )
 
 
-def nearest_images(conn: Connection, sku: str, model_id: str, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
-    """The k products whose image embeddings are nearest by cosine, through the HNSW index."""
-    # Iterative scans keep returning rows when the model_id filter discards index candidates (pgvector >= 0.8).
+def use_iterative_scans(conn: Connection) -> None:
+    """For the rest of the transaction: HNSW scans keep going when a filter (model_id) discards candidates
+    (pgvector >= 0.8), so filtered nearest-neighbour queries still return k rows."""
     conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+
+
+def nearest_images(conn: Connection, sku: str, model_id: str, vector: np.ndarray, k: int, *,
+                   set_scan: bool = True) -> list[tuple[str, float]]:
+    """The k products whose image embeddings are nearest by cosine, through the HNSW index (``set_scan=False``
+    when the transaction already called ``use_iterative_scans``)."""
+    if set_scan:
+        use_iterative_scans(conn)
     rows = conn.execute(
         text(
             """
@@ -185,7 +222,12 @@ def nearest_images(conn: Connection, sku: str, model_id: str, vector: np.ndarray
 
 
 def replace_duplicates(conn: Connection, sku: str, model_id: str, pairs: Sequence[DuplicatePair]) -> None:
-    """Make the stored pairs involving ``sku`` exactly ``pairs`` (one row per pair, sku_a < sku_b)."""
+    """Make the stored pairs involving ``sku`` exactly ``pairs`` (one row per pair, sku_a < sku_b), less the pairs
+    a person marked "different" on the review page (``duplicate_verdicts``): those are never stored again."""
+    different = {r[0] for r in conn.execute(
+        text("SELECT CASE WHEN sku_a = :sku THEN sku_b ELSE sku_a END FROM duplicate_verdicts "
+             "WHERE verdict = 'different' AND (sku_a = :sku OR sku_b = :sku)"), {"sku": sku})}
+    pairs = [p for p in pairs if p.other(sku) not in different]
     if pairs:
         conn.execute(
             text(
@@ -255,9 +297,11 @@ def record_failure(conn: Connection, *, payload: Any, sku: str | None, stage: st
     )
 
 
-def resolve_failures(conn: Connection, sku: str) -> None:
-    """A product that now processed cleanly closes its open failures."""
-    conn.execute(text("UPDATE failures SET resolved_at = now() WHERE sku = :sku AND resolved_at IS NULL"), {"sku": sku})
+def resolve_failures(conn: Connection, sku: str | Sequence[str]) -> None:
+    """Products that now processed cleanly close their open failures."""
+    skus = [sku] if isinstance(sku, str) else list(sku)
+    conn.execute(text("UPDATE failures SET resolved_at = now() WHERE sku = ANY(:skus) AND resolved_at IS NULL"),
+                 {"skus": skus})
 
 
 def store_taxonomy(conn: Connection, taxonomy: Taxonomy) -> None:
@@ -308,7 +352,7 @@ def store_label_embeddings(conn: Connection, model_id: str, taxonomy: str, versi
 
 APPLY_LOCK = "tagger.taxonomy.apply"
 RETAG_COLUMNS = ("sku", "taxonomy", "attribute", "value", "score", "rank", "path", "model_id", "taxonomy_version",
-                 "status")
+                 "status", "exemplars")
 
 
 def applied_taxonomy_versions(conn: Connection) -> dict[str, str]:
@@ -480,7 +524,7 @@ def embeddings_page(conn: Connection, model_id: str, *, after: str | None, limit
 def machine_tags_page(conn: Connection, attributes: Sequence[str], *, after: str | None, limit: int
                       ) -> tuple[list[tuple[Any, ...]], str | None]:
     """Machine tags of ``attributes`` that a machine may still change, for the SKUs after ``after``: about
-    ``limit`` rows, always whole SKUs. Rows: (sku, taxonomy, attribute, value, score, rank, path, model_id);
+    ``limit`` rows, always whole SKUs. Rows: (sku, taxonomy, attribute, value, score, rank, path, model_id, exemplars);
     also returns the last SKU covered (the next page starts after it), ``None`` when there is nothing left."""
     bound = conn.execute(text(
         "SELECT max(sku) FROM (SELECT sku FROM tags WHERE attribute = ANY(:a) AND source = 'machine' "
@@ -490,7 +534,7 @@ def machine_tags_page(conn: Connection, attributes: Sequence[str], *, after: str
         return [], None
     return [tuple(r) for r in conn.execute(text(
         """
-        SELECT sku, taxonomy, attribute, value, score, rank, path, model_id FROM tags
+        SELECT sku, taxonomy, attribute, value, score, rank, path, model_id, exemplars FROM tags
         WHERE attribute = ANY(:a) AND source = 'machine' AND status NOT IN ('approved', 'rejected')
           AND (CAST(:after AS text) IS NULL OR sku > :after) AND sku <= :bound
         ORDER BY sku, attribute, rank
@@ -508,8 +552,8 @@ def write_machine_tags_bulk(conn: Connection, rows: Sequence[tuple[Any, ...]], s
         # A lost chunk (crash before the WAL is flushed) is redone by the next apply: no need to wait for fsync.
         cur.execute("SET LOCAL synchronous_commit = off")
         cur.execute("CREATE TEMP TABLE IF NOT EXISTS retag_rows (sku text, taxonomy text, attribute text, value text, "
-                    "score real, rank smallint, path text, model_id text, taxonomy_version text, status text) "
-                    "ON COMMIT DELETE ROWS")
+                    "score real, rank smallint, path text, model_id text, taxonomy_version text, status text, "
+                    "exemplars integer) ON COMMIT DELETE ROWS")
         cur.execute("CREATE TEMP TABLE IF NOT EXISTS retag_skus (sku text PRIMARY KEY) ON COMMIT DELETE ROWS")
         cur.execute("TRUNCATE retag_rows, retag_skus")
         with cur.copy(f"COPY retag_rows ({', '.join(RETAG_COLUMNS)}) FROM STDIN") as copy:
@@ -522,8 +566,9 @@ def write_machine_tags_bulk(conn: Connection, rows: Sequence[tuple[Any, ...]], s
         cur.execute(
             """
             INSERT INTO tags AS t (sku, taxonomy, attribute, value, score, rank, path, model_id, taxonomy_version,
-                                   source, status)
-            SELECT sku, taxonomy, attribute, value, score, rank, path, model_id, taxonomy_version, 'machine', status
+                                   source, status, exemplars)
+            SELECT sku, taxonomy, attribute, value, score, rank, path, model_id, taxonomy_version, 'machine', status,
+                   exemplars
             FROM retag_rows
             """ + MACHINE_TAG_CONFLICT
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from tagger.db import exemplar_repository as exemplar_repo
 from tagger.db import repository as repo
 from tagger.review import (
     ACCEPTED,
@@ -147,6 +148,11 @@ def record_decision(conn: Connection, taxonomies: TaxonomySet, *, sku: str, attr
                "mv": machine.value if machine else None, "ms": machine.score if machine else None,
                "mst": machine.status if machine else None, "chosen": plan.chosen,
                "model": machine.model_id if machine else None, "version": version, "bulk": bulk, "who": who})
+    if plan.action in ("approve", "pick") and plan.chosen:
+        # Every approval or correction is a labelled example of the shop's own look (tagger.fewshot).
+        exemplar_repo.add_exemplar(conn, sku=sku, attribute=attribute, label=plan.chosen, taxonomy=spec.taxonomy,
+                                   source="review_approval" if plan.action == "approve" else "review_correction",
+                                   created_by=who)
     return DecisionOutcome(sku, attribute, plan)
 
 

@@ -2,7 +2,8 @@
 
 Subcommands:
 
-* ``zero-shot``  – tag accuracy / F1 / calibration / threshold choice for one or more attributes;
+* ``zero-shot``  – tag accuracy / F1 / calibration / threshold choice for one or more attributes; with
+  ``--shots 0,1,5,10,25``: the same with K exemplars per label (``tagger/evaluation/shots.py``);
 * ``retrieval``  – text-to-image HITS@k and MRR (FashionCLIP paper protocol);
 * ``duplicates`` – precision/recall of near-duplicate detection vs the similarity threshold, and a
   suggested ``TAGGER_DUPLICATE_THRESHOLD``.
@@ -232,6 +233,10 @@ def cmd_zero_shot(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from tagger.settings import get_settings
     from tagger.taxonomy import load_taxonomies
 
+    if args.shots is not None:
+        from tagger.evaluation.shots import run
+
+        return run(args, argv)
     settings = get_settings()
     attributes = args.attribute
     columns = args.label_column
@@ -569,6 +574,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column",
                    help="product text mixed into the score, as the service does with TAGGER_TEXT_WEIGHT")
     p.add_argument("--text-weight", type=float, help="override TAGGER_TEXT_WEIGHT for this run")
+    g = p.add_argument_group("exemplars (few-shot; see tagger/evaluation/shots.py)")
+    g.add_argument("--shots", nargs="?", const="0,1,5,10,25",
+                   help="K exemplars per label drawn from --train-split, e.g. 0,1,5,10,25 (the default when given "
+                        "without a value); the test split is --split")
+    g.add_argument("--train-split", default="train", help="split the exemplars are drawn from (default: train)")
+    g.add_argument("--holdout", type=float,
+                   help="draw exemplars from this share of --split instead (stratified, seeded) and score the rest: "
+                        "for a model trained on the train split, whose train images it has memorised")
+    g.add_argument("--seeds", type=int, default=5, help="exemplar draws per K (default: 5)")
+    g.add_argument("--pool-per-label", type=int, default=50,
+                   help="train images per label encoded as the exemplar pool (default: 50)")
+    g.add_argument("--shift", help="comma-separated conditions applied to exemplars and test images alike: "
+                                   "clean, grey, lowres, crop, background (default: clean)")
+    g.add_argument("--exemplar-scale", type=float, help="override TAGGER_EXEMPLAR_SCALE")
+    g.add_argument("--exemplar-prior", type=float, help="override TAGGER_EXEMPLAR_PRIOR")
+    g.add_argument("--exemplar-temperature", type=float, help="override TAGGER_EXEMPLAR_TEMPERATURE")
+    g.add_argument("--exemplar-fit", choices=["yes", "no"], help="override TAGGER_EXEMPLAR_FIT")
+    g.add_argument("--exemplar-only", help="comma-separated label keys to score from exemplars alone (prompts "
+                                           "dropped), as house labels the model has no words for; 'all': "
+                                           "every label (a nearest-centroid classifier on the features)")
     p.set_defaults(func=cmd_zero_shot)
 
     p = sub.add_parser("retrieval", help="text-to-image HITS@1/5/10 and MRR")

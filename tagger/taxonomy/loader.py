@@ -19,6 +19,7 @@ Schema (see ``taxonomies/README.md`` for the merchandiser's version)::
             synonyms: [navy blue, dark blue]
             threshold: 0.5
             translations: {fr: Marine, de: Marineblau}
+          coastal: {exemplar_only: true}  # no prompts: learnt from its exemplars alone (tagger exemplars)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 TOP_KEYS = {"taxonomy", "description", "prompt_templates", "attributes"}
 ATTRIBUTE_KEYS = {"name", "kind", "hierarchical", "threshold", "top_k", "applies_to", "labels", "prompt_templates",
                   "description"}
-LABEL_KEYS = {"name", "prompts", "synonyms", "parent", "threshold", "translations", "description"}
+LABEL_KEYS = {"name", "prompts", "synonyms", "parent", "threshold", "translations", "description", "exemplar_only"}
 
 
 class TaxonomyValidationError(TaxonomyError):
@@ -209,10 +210,18 @@ class _FileParser:
                        "translations")
             translations = {}
         parent = spec.get("parent")
-        return Label(key=key, name=name, prompts=tuple(prompts or [name.lower(), *synonyms]),
+        exemplar_only = spec.get("exemplar_only", False)
+        if not isinstance(exemplar_only, bool):
+            self.error(f"exemplar_only {exemplar_only!r} must be true or false", *where, "exemplar_only")
+            exemplar_only = False
+        if exemplar_only and "prompts" in spec:
+            self.error("an exemplar_only label is learnt from its exemplars alone: remove 'prompts', or remove "
+                       "'exemplar_only' to score it from its prompts", *where, "exemplar_only")
+        return Label(key=key, name=name,
+                     prompts=() if exemplar_only else tuple(prompts or [name.lower(), *synonyms]),
                      synonyms=tuple(synonyms), parent=str(parent) if parent is not None else None,
                      threshold=self._threshold(spec.get("threshold"), where + ("threshold",)),
-                     translations={str(k): v for k, v in translations.items()})
+                     translations={str(k): v for k, v in translations.items()}, exemplar_only=bool(exemplar_only))
 
     def _texts(self, raw: Any, keys: tuple[str, ...]) -> list[str]:
         if raw is None:

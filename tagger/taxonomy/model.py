@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of {}", "a product photo of {}")
@@ -19,6 +20,7 @@ class Label:
     parent: str | None = None
     threshold: float | None = None
     translations: dict[str, str] = field(default_factory=dict)
+    exemplar_only: bool = False  # no prompts: scored from its exemplars alone (a house style)
 
     def prompt_texts(self, templates: tuple[str, ...]) -> list[str]:
         """The texts embedded and averaged for this label (prompt ensembling)."""
@@ -83,10 +85,10 @@ class Taxonomy:
     source: str = ""  # file it was read from, for messages
     description: str = ""
 
-    @property
+    @cached_property  # hashing walks every label; the worker asks for it on every write
     def version(self) -> str:
         """Content hash: equal taxonomies have equal versions whatever their file formatting."""
-        payload = json.dumps([asdict(a) for a in self.attributes], sort_keys=True, ensure_ascii=False)
+        payload = json.dumps([_hashable(a) for a in self.attributes], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(f"{self.name}\n{payload}".encode()).hexdigest()[:12]
 
     def to_json(self) -> dict[str, object]:
@@ -100,7 +102,8 @@ class Taxonomy:
             labels = tuple(
                 Label(key=lab["key"], name=lab["name"], prompts=tuple(lab["prompts"]),
                       synonyms=tuple(lab.get("synonyms") or ()), parent=lab.get("parent"),
-                      threshold=lab.get("threshold"), translations=dict(lab.get("translations") or {}))
+                      threshold=lab.get("threshold"), translations=dict(lab.get("translations") or {}),
+                      exemplar_only=bool(lab.get("exemplar_only", False)))
                 for lab in raw["labels"]
             )
             attributes.append(Attribute(
@@ -112,6 +115,16 @@ class Taxonomy:
             ))
         return cls(name=str(data["name"]), attributes=tuple(attributes), source=source,
                    description=str(data.get("description") or ""))
+
+
+def _hashable(attribute: Attribute) -> dict[str, Any]:
+    """An attribute as hashed into its taxonomy's version. ``exemplar_only`` is left out where it is false, so
+    the versions of taxonomies written before the key existed stay what they were."""
+    data = asdict(attribute)
+    for label in data["labels"]:
+        if not label.get("exemplar_only"):
+            label.pop("exemplar_only", None)
+    return data
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from tagger.db import review_repository as review_repo
+from tagger.retag import ApplyInProgress
 from tagger.db.engine import get_engine
 from tagger.review import (
     BANDS,
@@ -45,6 +46,7 @@ from tagger.taxonomy.model import Attribute, TaxonomySet
 from tagger.web.review import charts
 from tagger.web.review.access import LOGIN_COOKIE, SESSION_COOKIE, SESSION_TTL_S, Access, Session
 from tagger.web.review.heatmap import explain_tag, load_product_image, thumbnail_jpeg
+from tagger.web.review.retagger import ExemplarRetagger
 
 log = logging.getLogger("tagger.web.review")
 
@@ -152,6 +154,7 @@ def build_router(settings: Settings, *, engine_factory: Callable[[], Engine] | N
                                    undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     templates.globals.update(prefix=PREFIX, bands=BANDS, shows=list(SHOW), env_name=env_name)
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
+    router.retagger = retagger = _exemplar_retagger(settings, engine)  # type: ignore[attr-defined]
 
     # ---- plumbing --------------------------------------------------------------------------------------
 
@@ -311,6 +314,8 @@ def build_router(settings: Settings, *, engine_factory: Callable[[], Engine] | N
             outcome, card = await run_in_threadpool(work)
         except ReviewError as exc:
             return failure(request, exc, session)
+        if outcome.plan.changes_anything:
+            retagger.request([attribute])
         log.info("review: %s %s %s %s=%s", session.who, outcome.plan.action, sku, attribute, outcome.plan.chosen)
         if _wants_json(request):
             view = card_view(card, tax)
@@ -341,6 +346,8 @@ def build_router(settings: Settings, *, engine_factory: Callable[[], Engine] | N
             approved = await run_in_threadpool(work)
         except ReviewError as exc:
             return failure(request, exc, session)
+        if approved:
+            retagger.request([f.attribute] if f.attribute else [a.name for a in tax.attributes])
         log.info("review: %s bulk-approved %d tags", session.who, approved)
         if _wants_json(request):
             return _secured(JSONResponse({"approved": approved}))
@@ -474,6 +481,15 @@ def build_router(settings: Settings, *, engine_factory: Callable[[], Engine] | N
                       corrected_svg=charts.corrected_bars(corrected))
 
     return router
+
+
+def _exemplar_retagger(settings: Settings, engine: Callable[[], Engine]) -> ExemplarRetagger:
+    def retag(attributes: Sequence[str]) -> object:
+        from tagger.exemplars.commands import retag_attributes
+
+        return retag_attributes(engine(), settings, load_taxonomies(settings.taxonomy_dir), attributes)
+
+    return ExemplarRetagger(retag, busy=ApplyInProgress)
 
 
 def mount_review(app: FastAPI, settings: Settings) -> None:
