@@ -129,11 +129,13 @@ def exemplar_cosines(prepared: ExemplarCentroids, features: np.ndarray) -> np.nd
 
     Expanded as ((f - m)·mu) / |f - m| with |f - m|^2 = f·f - 2 f·m + m·m, so a page of 5,000 products is three
     float32 matrix products and no centred copy of the features (re-tagging 100k products reads them all)."""
-    f = np.asarray(features, dtype=np.float32)
-    centre = prepared.centre.astype(np.float32)
-    dots = f @ prepared.centroids.T.astype(np.float32) - (centre @ prepared.centroids.T.astype(np.float32))
+    # float64: a product's score must not depend on how many products are scored with it (see scoring.cosines).
+    f = np.asarray(features, dtype=np.float64)
+    centre = prepared.centre.astype(np.float64)
+    centroids = prepared.centroids.astype(np.float64)
+    dots = f @ centroids.T - (centre @ centroids.T)
     squared = np.einsum("ij,ij->i", f, f) - 2.0 * (f @ centre) + float(centre @ centre)
-    return dots.astype(np.float64) / np.sqrt(np.maximum(squared.astype(np.float64), 1e-12))[:, None]
+    return dots / np.sqrt(np.maximum(squared, 1e-12))[:, None]
 
 
 def label_weights(counts: np.ndarray, prior: float) -> np.ndarray:

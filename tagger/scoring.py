@@ -90,10 +90,17 @@ def label_probabilities(
     text_weight: float = 0.0,
 ) -> np.ndarray:
     """(products, labels) probabilities; rows sum to one."""
-    similarity = image_vectors @ prototypes.T
+    similarity = cosines(image_vectors, prototypes)
     if text_vectors is not None and text_weight > 0.0:
-        similarity = (1.0 - text_weight) * similarity + text_weight * (text_vectors @ prototypes.T)
-    return softmax(logit_scale * similarity.astype(np.float64))
+        similarity = (1.0 - text_weight) * similarity + text_weight * cosines(text_vectors, prototypes)
+    return softmax(logit_scale * similarity)
+
+
+def cosines(vectors: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+    """(products, labels) dot products in float64. In float32 the result depends on how many products are scored
+    together (BLAS kernels differ by shape), so a product scored alone and in a batch would store scores one ulp
+    apart, and a redelivered event would rewrite its tags."""
+    return np.asarray(vectors, dtype=np.float64) @ np.asarray(prototypes, dtype=np.float64).T
 
 
 def applies(attribute: Attribute, taxonomies: TaxonomySet, chosen: dict[str, str]) -> bool:
@@ -177,10 +184,10 @@ def attribute_probabilities(
     if prepared is None and prompted.all():
         probabilities = label_probabilities(image_vectors, proto.vectors, logit_scale, text_vectors, text_weight)
         return probabilities, np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool)
-    similarity = image_vectors @ proto.vectors.T
+    similarity = cosines(image_vectors, proto.vectors)
     if text_vectors is not None and text_weight > 0.0:
-        similarity = (1.0 - text_weight) * similarity + text_weight * (text_vectors @ proto.vectors.T)
-    zero_shot_logits = logit_scale * similarity.astype(np.float64)
+        similarity = (1.0 - text_weight) * similarity + text_weight * cosines(text_vectors, proto.vectors)
+    zero_shot_logits = logit_scale * similarity
     params = params or fewshot.FewShotParams()
     if prepared is not None and exemplars is not None and params.fit and exemplars.embeddings is not None:
         params = fewshot.fit(_exemplar_zero_shot_logits(exemplars, prepared.rows, proto, logit_scale, text_weight),

@@ -359,3 +359,18 @@ def test_select_duplicates_keeps_the_best_score_of_a_repeated_neighbour():
 
     pairs = select_duplicates("A", [("B", 0.99), ("B", 0.91)], 0.9)
     assert [(p.sku_a, p.sku_b, p.similarity) for p in pairs] == [("A", "B", 0.99)]
+
+
+def test_a_products_scores_do_not_depend_on_the_batch_it_is_scored_in() -> None:
+    # A redelivered event is scored alone; the first delivery may have been scored in a batch. Equal stored
+    # scores (float32) are what keeps the redelivery from rewriting its tags.
+    from tagger import scoring
+
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(64, 512)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    prototypes = rng.normal(size=(40, 512)).astype(np.float32)
+    prototypes /= np.linalg.norm(prototypes, axis=1, keepdims=True)
+    together = scoring.label_probabilities(vectors, prototypes, 50.0).astype(np.float32)
+    alone = np.stack([scoring.label_probabilities(v[None, :], prototypes, 50.0)[0] for v in vectors]).astype(np.float32)
+    assert np.array_equal(together, alone)
