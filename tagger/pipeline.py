@@ -218,6 +218,7 @@ class Pipeline:
             return self._score(chunk, taxonomies, prototypes, exemplars)
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagger-encode") as encoder_thread:
+            encoder_thread.submit(self._encode_texts, ready).result()
             upcoming = encoder_thread.submit(encode_and_score, chunks[0])
             for number, chunk in enumerate(chunks):
                 decisions = upcoming.result()
@@ -283,14 +284,21 @@ class Pipeline:
         with ThreadPoolExecutor(max_workers=min(8, len(events)), thread_name_prefix="tagger-fetch") as pool:
             return list(pool.map(fetch, events))
 
+    def _encode_texts(self, items: Sequence[_Upsert]) -> None:
+        """Embed the texts of the changed products in one pass (the text encoder is several times faster per
+        text at batch 16 than at 4, unlike the image backbone, so texts are not split into chunks)."""
+        changed = [item for item in items if item.changed]
+        if changed:
+            for item, vector in zip(changed, self.encoder.encode_texts([item.text for item in changed]), strict=True):
+                item.text_vector = vector
+
     def _encode(self, items: Sequence[_Upsert]) -> None:
-        """Embed changed products in one image pass and one text pass; reuse stored vectors for the rest."""
+        """Embed changed products' images in one pass (texts: ``_encode_texts``); reuse stored vectors for the rest."""
         changed = [item for item in items if item.changed]
         if changed:
             images, features = self.encoder.encode_images_with_features([item.image for item in changed])
-            texts = self.encoder.encode_texts([item.text for item in changed])
             for row, item in enumerate(changed):
-                item.image_vector, item.features, item.text_vector = images[row], features[row], texts[row]
+                item.image_vector, item.features = images[row], features[row]
                 item.image = None  # decoded pixels are not needed any more; free them early
         for item in items:
             if not item.changed:
@@ -376,6 +384,17 @@ class Pipeline:
 
             with self.engine.begin() as conn:
                 mark_processed(conn, event_id, outcome)
+
+    def mark_delivered_many(self, settled: Sequence[tuple[Any, str]]) -> None:
+        """``mark_delivered`` for a batch's events, in one transaction."""
+        from tagger.outbox import mark_processed
+
+        rows = [(event_id_hint(payload), outcome) for payload, outcome in settled]
+        rows = [(event_id, outcome) for event_id, outcome in rows if event_id is not None]
+        if rows:
+            with self.engine.begin() as conn:
+                for event_id, outcome in rows:
+                    mark_processed(conn, event_id, outcome)
 
     def _is_stale(self, stored: repo.StoredProduct | None, event: ProductEvent) -> bool:
         return bool(stored and stored.last_event_at and event.occurred_at and event.occurred_at < stored.last_event_at)

@@ -119,6 +119,7 @@ def process_events(self: Task, payloads: list[Any]) -> dict[str, int]:
                     log.exception("unexpected error while processing an event")
                     _settle_failed(p, payload, single_exc)
                     results.append(None)
+        settled: list[tuple[Any, str]] = []
         for payload, result in zip(group, results, strict=True):
             if result is None:
                 status = "failed"
@@ -133,9 +134,10 @@ def process_events(self: Task, payloads: list[Any]) -> dict[str, int]:
             else:
                 log.info("event %s: %s", result.status, result.detail,
                          extra={"sku": result.sku, "event_id": event_id_hint(payload), "outcome": result.status})
-                p.mark_delivered(payload, result.status)
+                settled.append((payload, result.status))
                 status = result.status
             counts[status] = counts.get(status, 0) + 1
+        p.mark_delivered_many(settled)
     return counts
 
 
