@@ -32,15 +32,6 @@ class ExemplarRow:
     has_features: bool  # the product has stored backbone features for the model asked about
 
 
-def _halfvec_oid(raw: Any) -> int:
-    oid = getattr(raw, "_tagger_halfvec_oid", None)
-    if oid is None:
-        with raw.cursor() as cur:
-            oid = int(cur.execute("SELECT 'halfvec'::regtype::oid").fetchone()[0])
-        raw._tagger_halfvec_oid = oid
-    return oid
-
-
 def halfvec_matrix(blobs: Sequence[bytes]) -> np.ndarray:
     """pgvector's binary ``halfvec`` (int16 dim, int16 unused, dim big-endian float16) of many rows as one
     (n, dim) float32 array. The 4-byte header is exactly two float16 slots, dropped after one reshape."""
@@ -56,7 +47,7 @@ def _binary_rows(conn: Connection, sql: str, params: Sequence[Any]) -> list[tupl
     ``repository._matrix``)."""
     raw = _raw(conn)
     with raw.cursor(binary=True) as cur:
-        cur.adapters.register_loader(_halfvec_oid(raw), _raw_vector_loader())
+        cur.adapters.register_loader(_vector_oid(raw, "halfvec"), _raw_vector_loader())
         cur.adapters.register_loader(_vector_oid(raw), _raw_vector_loader())
         cur.execute(sql, params)
         return cur.fetchall()

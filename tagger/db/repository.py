@@ -470,12 +470,14 @@ def _raw(conn: Connection) -> Any:
     return conn.connection.dbapi_connection
 
 
-def _vector_oid(raw: Any) -> int:
-    oid = getattr(raw, "_tagger_vector_oid", None)
+def _vector_oid(raw: Any, type_name: str = "vector") -> int:
+    """The OID of pgvector's ``vector`` (or ``halfvec``) type, looked up once per connection."""
+    attribute = f"_tagger_{type_name}_oid"
+    oid = getattr(raw, attribute, None)
     if oid is None:
         with raw.cursor() as cur:
-            oid = int(cur.execute("SELECT 'vector'::regtype::oid").fetchone()[0])
-        raw._tagger_vector_oid = oid
+            oid = int(cur.execute("SELECT CAST(%s AS regtype)::oid", (type_name,)).fetchone()[0])
+        setattr(raw, attribute, oid)
     return oid
 
 
