@@ -62,6 +62,17 @@ class Forbidden(ReviewError):
     status = 403
 
 
+def attribute_with_label(taxonomies: TaxonomySet, attribute: str, label: str) -> Attribute:
+    """The current taxonomies' attribute ``attribute``, once ``label`` is known to be one of its labels."""
+    try:
+        spec = taxonomies.attribute(attribute)
+    except KeyError:
+        raise UnknownAttribute(f"attribute {attribute!r} is not in the current taxonomies") from None
+    if label not in {lab.key for lab in spec.labels}:
+        raise UnknownLabel(f"{label!r} is not a label of {attribute}")
+    return spec
+
+
 # ---- queue filters ---------------------------------------------------------------------------------------
 
 APPROVED, REJECTED, PENDING, ACCEPTED = "approved", "rejected", "pending", "accepted"

@@ -19,7 +19,7 @@ from tagger.db import review_repository as review_repo
 from tagger.encoders.base import get_encoder
 from tagger.errors import ImageError, ModelLoadError, TaggerError
 from tagger.images import ImageLimits, decode_image, image_digest, read_image_bytes
-from tagger.review import HeatmapUnavailable, UnknownAttribute, UnknownLabel
+from tagger.review import HeatmapUnavailable, attribute_with_label
 from tagger.settings import Settings, env_name
 from tagger.taxonomy.model import TaxonomySet
 
@@ -58,12 +58,7 @@ def load_product_image(settings: Settings, image_ref: str) -> tuple[bytes, Image
 def explain_tag(engine: Engine, settings: Settings, taxonomies: TaxonomySet, *, sku: str, attribute: str,
                 label: str) -> Heatmap:
     """The occlusion heat map of ``label`` of ``attribute`` on ``sku``'s image (cached per image and model)."""
-    try:
-        spec = taxonomies.attribute(attribute)
-    except KeyError:
-        raise UnknownAttribute(f"attribute {attribute!r} is not in the current taxonomies") from None
-    if label not in {lab.key for lab in spec.labels}:
-        raise UnknownLabel(f"{label!r} is not a label of {attribute}")
+    spec = attribute_with_label(taxonomies, attribute, label)
     encoder = get_encoder(settings.model, settings.device)
     model_id = encoder.model_id
     with engine.connect() as conn:

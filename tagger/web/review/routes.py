@@ -34,6 +34,7 @@ from tagger.review import (
     ReviewError,
     TagRow,
     agreement_series,
+    attribute_with_label,
     attribute_health,
     duplicate_groups,
     item_state,
@@ -400,12 +401,7 @@ def build_router(settings: Settings, *, engine_factory: Callable[[], Engine] | N
             session = signed_in(request)
             sku, attribute, label = explain_params(request)
             tax = taxonomies()
-            try:
-                spec = tax.attribute(attribute)
-            except KeyError:
-                raise InvalidRequest(f"attribute {attribute!r} is not in the current taxonomies") from None
-            if label not in {lab.key for lab in spec.labels}:
-                raise InvalidRequest(f"{label!r} is not a label of {attribute}")
+            spec = attribute_with_label(tax, attribute, label)
             with engine().connect() as conn:
                 card = review_repo.product_card(conn, sku)
         except ReviewError as exc:
