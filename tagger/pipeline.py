@@ -357,15 +357,11 @@ class Pipeline:
 
     def count_delivery(self, payload: Any) -> int | None:
         """Count one more start of this event's processing; None for events that did not come through the outbox."""
-        event_id = event_id_hint(payload)
-        if event_id is None:
-            return None
-        with self.engine.begin() as conn:
-            return conn.execute(text("UPDATE outbox SET deliveries = deliveries + 1 WHERE event_id = :id "
-                                     "AND processed_at IS NULL RETURNING deliveries"), {"id": event_id}).scalar()
+        return self.count_deliveries([payload])[0]
 
     def count_deliveries(self, payloads: Sequence[Any]) -> list[int | None]:
-        """``count_delivery`` for a batch, in one statement."""
+        """Count one more start of each event's processing, in one statement; None for events that did not come
+        through the outbox."""
         ids = [event_id_hint(payload) for payload in payloads]
         known = [i for i in ids if i is not None]
         counts: dict[str, int] = {}
@@ -378,15 +374,10 @@ class Pipeline:
 
     def mark_delivered(self, payload: Any, outcome: str) -> None:
         """Close the event's outbox row, so the relay does not send it again."""
-        event_id = event_id_hint(payload)
-        if event_id is not None:
-            from tagger.outbox import mark_processed
-
-            with self.engine.begin() as conn:
-                mark_processed(conn, event_id, outcome)
+        self.mark_delivered_many([(payload, outcome)])
 
     def mark_delivered_many(self, settled: Sequence[tuple[Any, str]]) -> None:
-        """``mark_delivered`` for a batch's events, in one transaction."""
+        """Close the outbox rows of settled events (``(payload, outcome)``) in one transaction."""
         from tagger.outbox import mark_processed
 
         rows = [(event_id_hint(payload), outcome) for payload, outcome in settled]

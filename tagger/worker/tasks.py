@@ -28,6 +28,18 @@ def pipeline() -> Pipeline:
     return _pipeline
 
 
+def _given_up_as_poison(p: Pipeline, payload: Any, deliveries: int | None) -> PoisonEvent | None:
+    """A message that kills its worker process is redelivered forever under reject_on_worker_lost: after a few
+    starts, record it as failed and settle its outbox row (returns the error), else None."""
+    if deliveries is None or deliveries <= p.settings.max_retries + 3:
+        return None
+    exc = PoisonEvent(f"event started {deliveries - 1} times without finishing (the worker process died each "
+                      "time, e.g. out of memory or a time limit); given up, check the worker logs")
+    p.record_failure(payload, exc)
+    p.mark_delivered(payload, "failed")
+    return exc
+
+
 def backoff_seconds(retries: int, cap: int) -> int:
     return int(min(cap, 2 ** (retries + 1)))
 
@@ -36,14 +48,9 @@ def backoff_seconds(retries: int, cap: int) -> int:
 def process_event(self: Task, payload: Any) -> dict[str, str | None]:
     """Process one product event (see ``tagger.events`` for the contract)."""
     p = pipeline()
-    deliveries = p.count_delivery(payload)
-    # A message that kills its worker process is redelivered forever under reject_on_worker_lost: stop it.
-    if deliveries is not None and deliveries > p.settings.max_retries + 3:
-        exc = PoisonEvent(f"event started {deliveries - 1} times without finishing (the worker process died each "
-                          "time, e.g. out of memory or a time limit); given up, check the worker logs")
-        p.record_failure(payload, exc)
-        p.mark_delivered(payload, "failed")
-        return {"sku": None, "status": "failed", "detail": str(exc)}
+    poison = _given_up_as_poison(p, payload, p.count_delivery(payload))
+    if poison is not None:
+        return {"sku": None, "status": "failed", "detail": str(poison)}
     try:
         outcome: Outcome = p.handle(payload)
     except TransientError as exc:
@@ -83,16 +90,8 @@ def process_events(self: Task, payloads: list[Any]) -> dict[str, int]:
     if not isinstance(payloads, list):  # a hand-made message: treat it as one event
         payloads = [payloads]
     deliveries = p.count_deliveries(payloads)
-    limit = p.settings.max_retries + 3
-    todo: list[Any] = []
-    for payload, count in zip(payloads, deliveries, strict=True):
-        if count is not None and count > limit:
-            exc = PoisonEvent(f"event started {count - 1} times without finishing (the worker process died each "
-                              "time, e.g. out of memory or a time limit); given up, check the worker logs")
-            p.record_failure(payload, exc)
-            p.mark_delivered(payload, "failed")
-        else:
-            todo.append(payload)
+    todo = [payload for payload, count in zip(payloads, deliveries, strict=True)
+            if _given_up_as_poison(p, payload, count) is None]
     restarted = any(count is not None and count > 1 for count in deliveries)
     groups = [[payload] for payload in todo] if restarted else [todo]
     counts: dict[str, int] = {}
